@@ -1,0 +1,112 @@
+"""MarsConfig: what MARS adds on top of a frozen Qwen (image vocabulary, grid, switches).
+
+The Qwen itself is described either by a local directory (`text_model`, loaded with
+`from_pretrained`, no hub) or by a dict of Qwen config fields (`text_config`, for random models
+in tests, benchmarks and meta-device parameter counts). Presets live in `PRESETS`:
+
+    from mars import MarsConfig, MarsModel
+    model = MarsModel.from_config(MarsConfig.from_name("tiny-qwen3", image_grid=(16, 16)))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+
+@dataclass
+class MarsConfig:
+    codebook_size: int = 1024  # VQ codebook entries; the image head predicts one of these
+    image_grid: tuple[int, int] = (8, 8)  # (h, w) codes per image
+    visual_norms: bool = False  # True: the visual path gets its own trainable RMSNorms
+    image_pos_2d: bool = True  # learned row/column embeddings added to image-code embeddings
+    text_model: str | None = None  # local Qwen directory (HF format); None: built from text_config
+    text_config: dict | None = None  # Qwen config fields incl. "model_type" (qwen2 / qwen3)
+
+    # Derived in __post_init__. The image vocabulary is the codebook followed by two specials.
+    num_image_tokens: int = field(init=False)  # h * w codes per image
+    image_vocab_size: int = field(init=False)  # codebook + begin/end-of-image
+    boi_index: int = field(init=False)  # index of <boi> inside the image vocabulary
+    eoi_index: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.image_grid = tuple(int(n) for n in self.image_grid)
+        if len(self.image_grid) != 2 or min(self.image_grid) < 1:
+            raise ValueError(f"image_grid={self.image_grid}: give two positive ints (h, w), e.g. (16, 16)")
+        if self.codebook_size < 1:
+            raise ValueError(f"codebook_size={self.codebook_size}: must be the VQ tokenizer's codebook size (> 0)")
+        self.num_image_tokens = self.image_grid[0] * self.image_grid[1]
+        self.image_vocab_size = self.codebook_size + 2
+        self.boi_index = self.codebook_size
+        self.eoi_index = self.codebook_size + 1
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> MarsConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown MarsConfig preset {name!r}: choose one of {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MarsConfig:
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MarsConfig fields {unknown}: expected a subset of {sorted(known)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MarsConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: point at a directory written by MarsModel.save_pretrained")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+            message = str(error).replace("\n", " ")
+            raise ValueError(f"{path} is not a valid MarsConfig JSON ({message}); re-save the model") from None
+
+
+def _qwen(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, **extra) -> dict:
+    return dict(
+        model_type=model_type,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        **extra,
+    )
+
+
+PRESETS: dict[str, MarsConfig] = {
+    # Tests: tiny random Qwens, fp32, milliseconds per step on one core.
+    "tiny-qwen2": MarsConfig(
+        codebook_size=64, text_config=_qwen("qwen2", 64, 2, 4, 2, 128, 512, eos_token_id=1)
+    ),
+    "tiny-qwen3": MarsConfig(
+        codebook_size=64, text_config=_qwen("qwen3", 64, 2, 4, 2, 128, 512, head_dim=16, eos_token_id=1)
+    ),
+    # benchmarks/sampling.py: small but not tiny, a 256-token (16x16) image.
+    "bench-256": MarsConfig(
+        codebook_size=1024, image_grid=(16, 16), text_config=_qwen("qwen2", 256, 6, 4, 2, 768, 2048, eos_token_id=1)
+    ),
+    # Qwen2.5-0.5B's architecture (weights come from `MarsModel.from_qwen(local_dir)`); the
+    # text_config alone serves meta-device parameter counts.
+    "qwen2.5-0.5b": MarsConfig(
+        codebook_size=16384,
+        image_grid=(16, 16),
+        text_config=_qwen(
+            "qwen2", 896, 24, 14, 2, 4864, 151936, rope_theta=1000000.0, rms_norm_eps=1e-6, eos_token_id=151643
+        ),
+    ),
+}

@@ -1,0 +1,172 @@
+"""Sampling from MarsModel: KV-cached image generation (CFG, top-k/p, seeds) and captioning.
+
+Small functions in the gpt-fast manner: `sample_logits`, `prefill`, `decode_one_token`, then
+`generate` (image codes) and `generate_text` (tokens after an image). Prompts of different
+lengths are left-padded; the attention mask hides the padding and RoPE positions count real
+tokens only, so a row's result does not depend on its batch-mates. Classifier-free guidance
+runs the conditional and unconditional (empty prompt) rows in one batch.
+
+    codes = generate_images(model, ["a red circle", "两个蓝色的正方形"], tokenizer=tok,
+                            guidance_scale=3.0, generator=torch.Generator().manual_seed(0))  # (B, h, w)
+    captions = caption_images(model, codes)  # token ids, stopped at eos
+
+Tests: `pytest tests/test_sampling.py`; speed: `python benchmarks/sampling.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mars.model import MarsModel, encode_texts, pad_sequences
+from mars.semvie import KVCache
+
+StepCallback = Callable[[int, int, Tensor], None]  # (step, total, codes so far (B, step + 1))
+
+
+def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """logits (B, V) -> token (B,). temperature <= 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the top token always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(-1)
+    # Exponential race: argmax p/E with E ~ Exp(1) is a categorical draw (-log U is Exp(1) and
+    # several times cheaper than exponential_ on CPU); only `generator` supplies randomness.
+    noise = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+    return (probs / noise).argmax(-1)
+
+
+def prefill(model: MarsModel, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache,
+            head: nn.Module) -> Tensor:
+    """Run the (left-padded) prefixes through the model into `cache`; -> last-position logits (B, V)."""
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
+    return head(hidden[:, -1])
+
+
+def decode_one_token(model: MarsModel, tokens: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
+                     cache: KVCache, head: nn.Module, codes_before: int = 0) -> Tensor:
+    """tokens (B, 1) at position_ids (B, 1) -> next-token logits (B, V)."""
+    hidden = model.hidden_states(tokens, attention_mask, position_ids, cache, codes_before)
+    return head(hidden[:, -1])
+
+
+def _left_padded(rows: list[list[int]], extra: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor]:
+    """-> prefix ids (R, T), key mask over prefix + `extra` new tokens (None when unpadded), next positions (R, 1)."""
+    input_ids, mask = pad_sequences(rows, pad_id=0, side="left")
+    next_position = mask.sum(1, keepdim=True)  # (R, 1): RoPE counts real tokens only
+    key_mask = None
+    if not bool(mask.all()):
+        key_mask = torch.cat([mask, mask.new_ones(len(rows), extra)], dim=1).to(device)  # (R, T + extra)
+    return input_ids.to(device), key_mask, next_position.to(device)
+
+
+def _keys(key_mask: Tensor | None, length: int) -> Tensor | None:
+    return None if key_mask is None else key_mask[:, :length]
+
+
+@torch.inference_mode()
+def generate(model: MarsModel, prefixes: Sequence[Sequence[int]], *, uncond_prefixes: Sequence[Sequence[int]] | None = None,
+             guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+             generator: torch.Generator | None = None, callback: StepCallback | None = None,
+             return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Sample one image grid per prefix (token ids ending in <boi>) -> codes (B, h*w).
+
+    With `uncond_prefixes` the unconditional rows join the batch and the logits are guided:
+    cond + (scale - 1) * (cond - uncond), which is exactly `cond` at scale 1. `return_logits`
+    also returns the guided logits of every step (B, h*w, codebook).
+    """
+    if uncond_prefixes is not None and len(uncond_prefixes) != len(prefixes):
+        raise ValueError(f"{len(uncond_prefixes)} uncond_prefixes for {len(prefixes)} prefixes: give one per prefix")
+    rows = [list(p) for p in prefixes] + [list(p) for p in (uncond_prefixes or [])]
+    if any(not row or row[-1] != model.boi_token_id for row in rows):
+        raise ValueError(f"every prefix must end with <boi> (token id {model.boi_token_id}); "
+                         "generate_images adds it to plain prompts")
+    batch, num_codes = len(prefixes), model.config.num_image_tokens
+    device = model.image_head.weight.device
+    input_ids, key_mask, next_position = _left_padded(rows, num_codes, device)
+    prefix_len = input_ids.shape[1]
+    cache = model.new_cache(len(rows), prefix_len + num_codes)
+    logits = prefill(model, input_ids, _keys(key_mask, prefix_len), cache, model.image_head)
+    codes = torch.empty(batch, num_codes, dtype=torch.long, device=device)
+    all_logits = []
+    for step in range(num_codes):
+        if uncond_prefixes is not None:
+            cond, uncond = logits[:batch], logits[batch:]
+            logits = cond + (guidance_scale - 1.0) * (cond - uncond)
+        if return_logits:
+            all_logits.append(logits)
+        codes[:, step] = sample_logits(logits, temperature, top_k, top_p, generator)
+        if callback is not None:
+            callback(step, num_codes, codes[:, :step + 1])
+        if step + 1 == num_codes:
+            break
+        tokens = model.codes_to_tokens(codes[:, step:step + 1]).repeat(len(rows) // batch, 1)  # (R, 1)
+        logits = decode_one_token(model, tokens, next_position + step, _keys(key_mask, prefix_len + step + 1),
+                                  cache, model.image_head, codes_before=step)
+    return (codes, torch.stack(all_logits, dim=1)) if return_logits else codes
+
+
+def generate_images(model: MarsModel, prompts: Sequence[str] | Sequence[Sequence[int]], tokenizer=None, *,
+                    guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float = 1.0, generator: torch.Generator | None = None,
+                    callback: StepCallback | None = None) -> Tensor:
+    """Prompts (strings + tokenizer, or token-id lists) -> image codes (B, h, w) for the VQ decoder.
+
+    guidance_scale != 1 turns on classifier-free guidance against the empty prompt.
+    """
+    prompt_ids = encode_texts(model, prompts, tokenizer)
+    prefixes = [ids + [model.boi_token_id] for ids in prompt_ids]
+    uncond = [[model.boi_token_id]] * len(prefixes) if guidance_scale != 1.0 else None
+    codes = generate(model, prefixes, uncond_prefixes=uncond, guidance_scale=guidance_scale,
+                     temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, callback=callback)
+    return codes.view(len(prefixes), *model.config.image_grid)
+
+
+@torch.inference_mode()
+def generate_text(model: MarsModel, prefixes: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                  generator: torch.Generator | None = None, eos_token_id: int | Sequence[int] | None = None
+                  ) -> list[list[int]]:
+    """Continue each prefix with text from the frozen LM head; a row stops at eos (not returned)."""
+    eos = model.text_config.eos_token_id if eos_token_id is None else eos_token_id
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    device = model.lm_head.weight.device
+    rows = [list(p) for p in prefixes]
+    input_ids, key_mask, next_position = _left_padded(rows, max_new_tokens, device)
+    prefix_len = input_ids.shape[1]
+    cache = model.new_cache(len(rows), prefix_len + max_new_tokens)
+    logits = prefill(model, input_ids, _keys(key_mask, prefix_len), cache, model.lm_head)
+    tokens = torch.empty(len(rows), max_new_tokens, dtype=torch.long, device=device)
+    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    eos_tensor = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        tokens[:, step] = sample_logits(logits, temperature, top_k, top_p, generator)
+        finished |= torch.isin(tokens[:, step], eos_tensor)
+        if bool(finished.all()) or step + 1 == max_new_tokens:
+            break
+        logits = decode_one_token(model, tokens[:, step:step + 1], next_position + step,
+                                  _keys(key_mask, prefix_len + step + 1), cache, model.lm_head)
+    captions = []
+    for row in tokens[:, :step + 1].tolist():
+        stops = [i for i, token in enumerate(row) if token in eos_ids]
+        captions.append(row[:stops[0]] if stops else row)
+    return captions
+
+
+def caption_images(model: MarsModel, codes: Tensor, **kwargs) -> list[list[int]]:
+    """codes (B, h, w) -> caption token ids per image ([boi][codes][eoi] -> text). kwargs: generate_text's."""
+    image = model.codes_to_tokens(codes.flatten(1))  # (B, h*w)
+    boi = torch.full((len(codes), 1), model.boi_token_id, dtype=torch.long, device=codes.device)
+    eoi = torch.full_like(boi, model.eoi_token_id)
+    return generate_text(model, torch.cat([boi, image, eoi], dim=1).tolist(), **kwargs)

@@ -1,0 +1,231 @@
+"""SemVIE: visual experts inside a frozen Qwen2 / Qwen2.5 / Qwen3 decoder (MARS, He et al. 2024).
+
+Each Hugging Face decoder layer is wrapped, not forked. Its own modules keep their names
+(`self_attn.q_proj`, `mlp.gate_proj`, ...), so a Qwen checkpoint loads strictly, and serve the
+text positions; mirror-named copies initialised from them (`visual_attn.q_proj`,
+`visual_mlp.gate_proj`, ...) serve the image positions. Queries, keys and values of both
+modalities meet in one attention over the whole sequence with Qwen's RoPE, so image tokens read
+the prompt and later text reads the image.
+
+    ModalityRouter   splits positions by modality once per forward; every layer reuses it
+    KVCache          preallocated keys/values; writes of any number of tokens per step
+    SemVIELayer      shared norms -> routed q/k/v -> one attention -> routed o_proj and FFN
+    SemVIEModel      the stack: rotary, default causal+padding mask or an explicit one, layers
+
+Used by mars/model.py; tests: `pytest tests/test_semvie.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+
+def mirror(module: nn.Module) -> nn.Module:
+    """A copy with its own parameters, initialised from `module`; the HF config object stays shared."""
+    memo = {id(module.config): module.config} if hasattr(module, "config") else {}
+    return copy.deepcopy(module, memo)
+
+
+class ModalityRouter:
+    """Sends text positions to the Qwen modules and image positions to the visual experts.
+
+    A pure-text or pure-image input (every decode step) calls one path on the whole tensor;
+    a mixed one gathers each modality's rows, runs its path and scatters the results back.
+    """
+
+    def __init__(self, image_mask: Tensor):  # (B, T) bool
+        self.shape = image_mask.shape
+        flat = image_mask.reshape(-1)
+        num_image = int(flat.sum())
+        self.text_index = None if num_image == flat.numel() else (~flat).nonzero().squeeze(1)
+        self.image_index = None if num_image == 0 else flat.nonzero().squeeze(1)
+
+    def __call__(self, x: Tensor, text_fn: Callable, image_fn: Callable):
+        """x (B, T, ...) -> fn(x) (B, T, ...), or a tuple of such when the fns return tuples."""
+        if self.image_index is None:
+            return text_fn(x)
+        if self.text_index is None:
+            return image_fn(x)
+        flat = x.flatten(0, 1)  # (B*T, ...)
+        from_text, from_image = text_fn(flat[self.text_index]), image_fn(flat[self.image_index])
+        if isinstance(from_text, tuple):
+            return tuple(self._scatter(a, b) for a, b in zip(from_text, from_image))
+        return self._scatter(from_text, from_image)
+
+    def _scatter(self, from_text: Tensor, from_image: Tensor) -> Tensor:
+        out = from_text.new_empty(self.shape.numel(), *from_text.shape[1:])  # every row is written below
+        out.index_copy_(0, self.text_index, from_text)
+        out.index_copy_(0, self.image_index, from_image)
+        return out.view(*self.shape, *from_text.shape[1:])
+
+
+class KVCache:
+    """Keys/values of every layer in one preallocated buffer (no concatenation per step).
+
+    `update` writes any number of new tokens at `length` (one code per step for the base
+    sampler, a whole group for block-causal decoding) and returns the filled prefix;
+    SemVIEModel calls `advance` once all layers have written.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """keys, values (B, Hkv, T, hd) -> all keys/values so far (B, Hkv, length + T, hd)."""
+        end = self.length + keys.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KVCache holds {self.max_length} tokens, {end} needed: create it with a larger max_length")
+        self.keys[layer_idx, :, :, self.length:end] = keys
+        self.values[layer_idx, :, :, self.length:end] = values
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+
+def project_qkv(attn: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One attention module's q, k, v for `hidden` (..., D): (..., H, hd), (..., Hkv, hd) twice."""
+    heads = (*hidden.shape[:-1], -1, attn.head_dim)
+    q, k, v = attn.q_proj(hidden).view(heads), attn.k_proj(hidden).view(heads), attn.v_proj(hidden).view(heads)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def routed_norm(x: Tensor, router: ModalityRouter, shared: nn.Module, visual: nn.Module | None) -> Tensor:
+    """The shared frozen norm everywhere, or (visual_norms) the visual one at image positions."""
+    return shared(x) if visual is None else router(x, shared, visual)
+
+
+class SemVIELayer(nn.Module):
+    """One Qwen decoder layer plus its visual attention and FFN experts."""
+
+    def __init__(self, layer: nn.Module, layer_idx: int, visual_norms: bool = False):
+        super().__init__()
+        if getattr(layer.self_attn, "sliding_window", None):
+            raise ValueError(f"layer {layer_idx} uses sliding-window attention: load the Qwen with use_sliding_window=False")
+        self.layer_idx = layer_idx
+        # The wrapped Qwen modules under their Hugging Face names (frozen, text positions).
+        self.self_attn = layer.self_attn
+        self.mlp = layer.mlp
+        self.input_layernorm = layer.input_layernorm
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        # The experts (trainable, image positions), initialised from the text weights.
+        self.visual_attn = mirror(layer.self_attn)
+        self.visual_mlp = mirror(layer.mlp)
+        # The paper shares the frozen norms; `visual_norms` gives the image path its own.
+        self.visual_input_layernorm = mirror(layer.input_layernorm) if visual_norms else None
+        self.visual_post_attention_layernorm = mirror(layer.post_attention_layernorm) if visual_norms else None
+        self.num_heads = layer.self_attn.config.num_attention_heads
+        self.num_kv_heads = layer.self_attn.config.num_key_value_heads
+
+    def forward(self, x: Tensor, router: ModalityRouter, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                is_causal: bool, cache: KVCache | None = None) -> Tensor:  # x (B, T, D)
+        h = routed_norm(x, router, self.input_layernorm, self.visual_input_layernorm)
+        x = x + self._attention(h, router, rope, mask, is_causal, cache)
+        h = routed_norm(x, router, self.post_attention_layernorm, self.visual_post_attention_layernorm)
+        return x + router(h, self.mlp, self.visual_mlp)
+
+    def _attention(self, h: Tensor, router: ModalityRouter, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                   is_causal: bool, cache: KVCache | None) -> Tensor:
+        B, T, _ = h.shape
+        q, k, v = router(h, partial(project_qkv, self.self_attn), partial(project_qkv, self.visual_attn))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
+        q, k = apply_rotary_pos_emb(q, k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
+        dropout = self.self_attn.attention_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                             scale=self.self_attn.scaling,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return router(out, self.self_attn.o_proj, self.visual_attn.o_proj)
+
+
+def default_position_ids(padding_mask: Tensor | None, num_new: int, past: int, device: torch.device) -> Tensor:
+    """(B or 1, T) RoPE positions: counted over real tokens only, so left padding shifts nothing."""
+    if padding_mask is None:
+        return torch.arange(past, past + num_new, device=device)[None]
+    return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -num_new:]
+
+
+def resolve_attention_mask(attention_mask: Tensor | None, num_new: int, past: int,
+                           device: torch.device) -> tuple[Tensor | None, bool]:
+    """The (mask, is_causal) pair for scaled_dot_product_attention.
+
+    `attention_mask` is (B, S) with 1 for real tokens (S = past + new, HF convention), or an
+    explicit (B, 1, T, S) mask (bool: True attends; float: added to the scores) used as given,
+    e.g. a block-causal group mask. Without padding the cheaper built-in causal path is used.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask, False
+    total = past + num_new
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected past + new = {total}")
+        if bool(attention_mask.all()):
+            attention_mask = None
+    if attention_mask is None and (past == 0 or num_new == 1):
+        return None, past == 0 and num_new > 1
+    query_pos = torch.arange(past, total, device=device)[:, None]
+    key_pos = torch.arange(total, device=device)[None, :]
+    allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, S) causal
+    if attention_mask is not None:
+        # A padded query sees nothing else; letting it see itself keeps its unused output finite.
+        allowed = (allowed & attention_mask[:, None, None, :].bool()) | (key_pos == query_pos)
+    return allowed, False
+
+
+class SemVIEModel(nn.Module):
+    """The SemVIE stack over a Qwen base model (`qwen.model`): same names, experts added.
+
+    It takes embeddings (MarsModel owns the text/image embedding split) and returns the final
+    hidden states, normalised by the shared norm (or, with `visual_norms`, a visual one at image
+    positions).
+    """
+
+    def __init__(self, qwen_model: nn.Module, visual_norms: bool = False):
+        super().__init__()
+        self.config = qwen_model.config
+        self.embed_tokens = qwen_model.embed_tokens  # frozen text embedding, kept for its HF name
+        self.layers = nn.ModuleList(SemVIELayer(layer, i, visual_norms) for i, layer in enumerate(qwen_model.layers))
+        self.norm = qwen_model.norm
+        self.visual_norm = mirror(qwen_model.norm) if visual_norms else None
+        self.rotary_emb = qwen_model.rotary_emb
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        attn = self.layers[0].self_attn
+        weight = attn.k_proj.weight
+        return KVCache(len(self.layers), batch_size, self.config.num_key_value_heads, attn.head_dim, max_length,
+                       dtype=weight.dtype, device=weight.device)
+
+    def forward(self, inputs_embeds: Tensor, router: ModalityRouter, position_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        x = inputs_embeds  # (B, T, D)
+        num_new = x.shape[1]
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            position_ids = default_position_ids(padding, num_new, past, x.device)
+        mask, is_causal = resolve_attention_mask(attention_mask, num_new, past, x.device)
+        rope = self.rotary_emb(x, position_ids)  # cos, sin (B, T, hd)
+        for layer in self.layers:
+            x = layer(x, router, rope, mask, is_causal, cache)
+        if cache is not None:
+            cache.advance(num_new)
+        return routed_norm(x, router, self.norm, self.visual_norm)

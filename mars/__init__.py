@@ -1,41 +1,39 @@
-"""MARS: a frozen Qwen + SemVIE visual experts for autoregressive text-to-image generation."""
+"""MARS: a frozen Qwen + SemVIE visual experts for autoregressive text-to-image generation.
 
-from mars.config import PRESETS, MarsConfig
-from mars.model import (
-    MarsModel,
-    MarsOutput,
-    apply_trainable_filter,
-    build_batch,
-    build_qwen,
-    encode_texts,
-    is_trainable,
-    parameter_report,
-    trainable_parameters,
-    trainable_state_dict,
-)
-from mars.sampling import caption_images, generate, generate_images, generate_text, sample_logits
-from mars.semvie import KVCache, ModalityRouter, SemVIELayer, SemVIEModel
+The public names below are imported on first use, so the light command-line tools
+(`python -m mars.shapes`, `python -m mars.eval`) start without loading torch and transformers.
+"""
 
-__all__ = [
-    "PRESETS",
-    "KVCache",
-    "MarsConfig",
-    "MarsModel",
-    "MarsOutput",
-    "ModalityRouter",
-    "SemVIELayer",
-    "SemVIEModel",
-    "apply_trainable_filter",
-    "build_batch",
-    "build_qwen",
-    "caption_images",
-    "encode_texts",
-    "generate",
-    "generate_images",
-    "generate_text",
-    "is_trainable",
-    "parameter_report",
-    "sample_logits",
-    "trainable_parameters",
-    "trainable_state_dict",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "mars.config": ["PRESETS", "MarsConfig"],
+    "mars.model": [
+        "MarsModel",
+        "MarsOutput",
+        "apply_trainable_filter",
+        "build_batch",
+        "build_qwen",
+        "encode_texts",
+        "is_trainable",
+        "parameter_report",
+        "trainable_parameters",
+        "trainable_state_dict",
+    ],
+    "mars.sampling": ["caption_images", "generate", "generate_images", "generate_text", "sample_logits"],
+    "mars.semvie": ["KVCache", "ModalityRouter", "SemVIELayer", "SemVIEModel"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'mars' has no attribute {name!r}")
+    value = getattr(import_module(_MODULE_OF[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

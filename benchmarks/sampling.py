@@ -4,8 +4,8 @@ One run prints seconds per 256-token (16x16) image for both samplers, their rati
 tokens/s with classifier-free guidance, on a small random Qwen2 ("bench-256": hidden 256,
 6 layers). Both samplers decode greedily so their codes must agree, which is checked.
 
-    python benchmarks/sampling.py                # all cores torch sees
-    OMP_NUM_THREADS=2 python benchmarks/sampling.py --threads 2
+    python -m benchmarks.sampling                # all cores torch sees
+    OMP_NUM_THREADS=2 python -m benchmarks.sampling --threads 2
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shapes-world speed on this machine: generation (scene + caption + render), dataset items, scoring.
 
-    OMP_NUM_THREADS=1 python benchmarks/shapes.py [--seconds 2]
+    OMP_NUM_THREADS=1 python -m benchmarks.shapes [--seconds 2]
 
 Prints images/s per size S for one process (one core); the DataLoader multiplies it by its workers.
 """

@@ -1,0 +1,218 @@
+"""Lightning training of the VQ tokenizer (vq/) on shapes-world images at mixed sizes.
+
+    python -m train fit --config train/configs/vq_shapes.yaml
+
+`VQLitModule`: L1 + L2 (edge-weighted) reconstruction, commitment, optional LPIPS (local weights
+only) and a PatchGAN discriminator after a warm-up step, under manual optimisation. Logs PSNR and
+SSIM per image size, scorer verdict agreement on the validation images, and codebook usage and
+perplexity every epoch; exports the tokenizer with save_pretrained at the end of fit.
+`MixedSizeShapes`: batches that alternate image sizes, each with the same number of pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchmetrics import MetricCollection
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from train.data import ShapesWorldDataset, _distributed, collate_captions
+from vq.__main__ import verdicts_agree
+from vq.losses import LPIPS, PatchDiscriminator, VQLossConfig, adaptive_gan_weight, hinge_discriminator_loss, \
+    reconstruction_loss
+from vq.model import VQConfig, VQTokenizer
+
+
+class MixedSizeBatches(IterableDataset):
+    """Whole batches of shapes-world images; batch k has sizes[k % len(sizes)] and batch_sizes[...].
+
+    Batch k of epoch e is a pure function of (seed, e, k, rank): runs repeat, epochs bring new
+    scenes (set_epoch), and DataLoader workers and DDP ranks share the work without overlap."""
+
+    def __init__(self, sizes: tuple[int, ...], batch_sizes: tuple[int, ...], batches: int, seed: int):
+        if len(sizes) != len(batch_sizes):
+            raise ValueError(f"sizes {sizes} and batch_sizes {batch_sizes} need one entry each")
+        self.batch_sizes, self.batches = batch_sizes, batches
+        self.sources = [ShapesWorldDataset(size, None, seed * 1000 + j, lang="both", captions="category")
+                        for j, size in enumerate(sizes)]
+
+    def set_epoch(self, epoch: int) -> None:
+        for source in self.sources:
+            source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        rank, world = _distributed(None, None)
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for k in range(worker, self.batches, workers):  # workers are read round-robin: order is kept
+            j = k % len(self.sources)
+            size = self.batch_sizes[j]
+            first = ((k // len(self.sources)) * world + rank) * size
+            yield collate_captions([self.sources[j][i] for i in range(first, first + size)])
+
+
+class MixedSizeShapes(L.LightningDataModule):
+    """Shapes-world batches alternating between sizes (default 128 and 256 px, equal pixels a batch)."""
+
+    def __init__(self, sizes: tuple[int, ...] = (128, 256), batch_sizes: tuple[int, ...] = (16, 4),
+                 batches_per_epoch: int = 200, val_batches: int = 4, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        self.train_set = MixedSizeBatches(h.sizes, h.batch_sizes, h.batches_per_epoch, h.seed)
+        self.val_set = MixedSizeBatches(h.sizes, h.batch_sizes, h.val_batches, h.seed + 1)
+
+    def _loader(self, dataset: MixedSizeBatches) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                          prefetch_factor=4 if workers else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """LR multiplier: linear warm-up, then cosine down to `floor` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class VQLitModule(L.LightningModule):
+    """Trains a VQTokenizer. `global_step` counts tokenizer updates (the discriminator's are not counted)."""
+
+    def __init__(self, vq: VQConfig | None = None, loss: VQLossConfig | None = None, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 100, min_lr_ratio: float = 0.02,
+                 grad_clip: float = 1.0, export_dir: str | None = None, export_dtype: str = "float32",
+                 val_verdicts: bool = True):
+        super().__init__()
+        self.vq_config = vq or VQConfig()
+        self.loss_config = loss or VQLossConfig()
+        # plain values only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters({"vq": self.vq_config.to_dict(), "loss": asdict(self.loss_config), "lr": lr,
+                                   "betas": tuple(betas), "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
+                                   "grad_clip": grad_clip, "export_dir": export_dir, "export_dtype": export_dtype,
+                                   "val_verdicts": val_verdicts})
+        self.automatic_optimization = False
+        self.tokenizer = VQTokenizer(self.vq_config)
+        cfg = self.loss_config
+        self.discriminator = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers) if cfg.gan_weight > 0 else None
+        self.lpips = LPIPS.from_file(cfg.lpips_path) if cfg.perceptual_weight > 0 else None
+        # code histograms for usage and perplexity, reset every epoch
+        self.register_buffer("train_code_counts", torch.zeros(self.vq_config.codebook_size), persistent=False)
+        self.register_buffer("val_code_counts", torch.zeros(self.vq_config.codebook_size), persistent=False)
+        self.val_metrics = torch.nn.ModuleDict()  # per image size, made on first sight
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self):
+        h = self.hparams
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else 10_000
+        opt = torch.optim.Adam(self.tokenizer.parameters(), lr=h.lr, betas=h.betas)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_cosine(step, h.warmup_steps, total, h.min_lr_ratio))
+        if self.discriminator is None:
+            return [opt], [schedule]
+        disc_opt = torch.optim.Adam(self.discriminator.parameters(), lr=h.lr, betas=(0.5, 0.9))
+        return [opt, disc_opt], [schedule]
+
+    def on_train_epoch_start(self):
+        dataset = self.trainer.train_dataloader.dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)  # fresh scenes every epoch (workers are made after this)
+
+    def training_step(self, batch, batch_idx):
+        cfg, images = self.loss_config, batch["image"]
+        optimizers = self.optimizers()
+        opt, disc_opt = optimizers if isinstance(optimizers, list) else (optimizers, None)
+        out = self.tokenizer(images)
+        rec = reconstruction_loss(out.reconstruction, images, cfg)
+        terms = {"rec": rec, "commit": out.commitment}
+        nll = rec + (cfg.perceptual_weight * self.lpips(out.reconstruction, images) if self.lpips else 0.0)
+        loss = nll + cfg.commitment_weight * out.commitment
+        gan_on = disc_opt is not None and self.global_step >= cfg.gan_start_step
+        if gan_on:
+            self.discriminator.requires_grad_(False)
+            gen = -self.discriminator(out.reconstruction).mean()
+            weight = cfg.gan_weight * adaptive_gan_weight(nll, gen, self.tokenizer.decoder.conv_out.weight)
+            loss = loss + weight * gen
+            terms |= {"gen": gen, "gan_weight": weight}
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.lr_schedulers().step()
+        if gan_on:
+            self.discriminator.requires_grad_(True)
+            disc = hinge_discriminator_loss(self.discriminator(images), self.discriminator(out.reconstruction.detach()))
+            disc_opt.zero_grad(set_to_none=True)
+            self.manual_backward(disc)
+            disc_opt.optimizer.step()  # the raw optimizer: a LightningOptimizer step would advance global_step
+            terms["disc"] = disc
+        self.train_code_counts += torch.bincount(out.codes.flatten(), minlength=self.train_code_counts.numel())
+        self.log_dict({f"train/{k}": v for k, v in terms.items()} | {"train/loss": loss}, prog_bar=False)
+        self.log(f"train/psnr_{images.shape[-1]}", psnr(out.reconstruction.detach(), images), prog_bar=True)
+
+    def on_train_epoch_end(self):
+        self.log_dict(codebook_stats(self.trainer.strategy.reduce(self.train_code_counts, reduce_op="sum"), "train"))
+        self.train_code_counts.zero_()
+
+    # ------------------------------------------------------------------ validation and export
+
+    def validation_step(self, batch, batch_idx):
+        images = batch["image"]
+        out = self.tokenizer(images)
+        reconstruction = out.reconstruction.clamp(-1, 1)
+        key = str(images.shape[-1])
+        if key not in self.val_metrics:
+            self.val_metrics[key] = MetricCollection({
+                "psnr": PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)),
+                "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}, prefix="val/", postfix=f"_{key}",
+            ).to(self.device)
+        self.val_metrics[key].update((reconstruction + 1) / 2, (images + 1) / 2)
+        self.val_code_counts += torch.bincount(out.codes.flatten(), minlength=self.val_code_counts.numel())
+        if self.hparams.val_verdicts:
+            agree = verdicts_agree(batch["caption"], images, reconstruction)
+            self.log(f"val/agreement_{key}", sum(agree) / len(agree), batch_size=len(agree))
+
+    def on_validation_epoch_end(self):
+        for metrics in self.val_metrics.values():  # computed here: the per-size metrics are made lazily
+            self.log_dict(metrics.compute(), sync_dist=False)
+            metrics.reset()
+        self.log_dict(codebook_stats(self.trainer.strategy.reduce(self.val_code_counts, reduce_op="sum"), "val"))
+        self.val_code_counts.zero_()
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["vq_config"] = self.vq_config.to_dict()  # what `python -m vq export` rebuilds from
+
+    def on_fit_end(self):
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            self.tokenizer.save_pretrained(self.hparams.export_dir, getattr(torch, self.hparams.export_dtype))
+            print(f"tokenizer saved to {self.hparams.export_dir}")
+
+
+def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean per-image PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
+    mse = (reconstruction.clamp(-1, 1) - target).square().flatten(1).mean(1)
+    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
+
+
+def codebook_stats(counts: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Share of the codebook used and perplexity (exp entropy) of the code histogram."""
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+    return {f"{prefix}/codebook_usage": (counts > 0).float().mean().item(),
+            f"{prefix}/perplexity": entropy.exp().item()}

@@ -2,25 +2,37 @@
 
     python -m mars.eval --images DIR          # per-category / overall table, plain and strict
     python -m mars.eval --images DIR --json   # the same as JSON
+    python -m mars.eval --generate --n 300 --lang both [--checkpoint DIR] [--seed S] [--cfg 3] [--no-sr] [--out DIR]
 
 DIR holds the images and captions.jsonl (`file` or `image`, `caption`) or prompts.jsonl (`file`,
 `prompt`), e.g. from `python -m mars.shapes --out DIR` (a generator's own images score 1.0).
+`--generate` samples fresh seeded category prompts (the six categories in turn) with a MARS bundle
+(default checkpoints/mars-shapes), in batches, scores the images and prints the same table;
+`--out DIR` keeps the images and prompts.jsonl, so `--images DIR` rescores them.
 Library use: `evaluate([(prompt, pil_image), ...])` -> report dict; `format_table(report)`.
+
+The sampling options and their checks (`add_sampling_arguments`, `load_pipeline`, `check_prompts`)
+serve sample.py too. Tests: `pytest tests/test_eval.py tests/test_sample.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mars.shapes import CATEGORIES, LANGS, score, summarize
+from mars.shapes import CATEGORIES, LANGS, format_prompt, random_spec, score, summarize
 
 LISTINGS = (("captions.jsonl", "caption"), ("prompts.jsonl", "prompt"))
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mars-shapes"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def read_listing(folder: str | Path) -> list[tuple[Path, str]]:
@@ -101,18 +113,195 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- sampling options (shared with sample.py)
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (no usage dump) and exit with code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bounded(kind, accept, wanted: str):
+    """An argparse type: a finite `kind` (int or float) for which accept(value) holds, else a usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and accept(value)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {wanted}")
+        return value
+    return parse
+
+
+NON_NEGATIVE = _bounded(float, lambda v: v >= 0, "a value >= 0")
+POSITIVE_INT = _bounded(int, lambda v: v >= 1, "an integer >= 1")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: bool = False) -> None:
+    """The model and sampler flags of sample.py and `mars.eval --generate`."""
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help=f"MARS bundle directory (default {DEFAULT_CHECKPOINT.parent.name}/{DEFAULT_CHECKPOINT.name})")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="Qwen and experts dtype (default float32)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--cfg", type=NON_NEGATIVE, default=3.0,
+                        help="classifier-free guidance scale; 1 turns guidance off (default 3)")
+    parser.add_argument("--temperature", type=NON_NEGATIVE, default=1.0, help="0 is greedy (default 1)")
+    parser.add_argument("--top-k", type=POSITIVE_INT, default=None, help="keep the k likeliest codes (default all)")
+    parser.add_argument("--top-p", type=_bounded(float, lambda v: 0 < v <= 1, "a value in (0, 1]"), default=1.0,
+                        help="nucleus sampling mass in (0, 1] (default 1)")
+    parser.add_argument("--no-sr", action="store_true", help="skip super-resolution: base images only (128 px)")
+    if batch_size:
+        parser.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="prompts per sampling call")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """MarsPipeline.__call__ keyword arguments from add_sampling_arguments' flags."""
+    return dict(guidance_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                super_resolution=not args.no_sr)
+
+
+def resolve_device(name: str | None):
+    """A torch.device that exists on this machine, or a ValueError saying what to use instead."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[device.type]:
+        raise ValueError(f"--device {name}: no {device.type.upper()} device on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_pipeline(checkpoint: Path | None, device: str | None = None, dtype: str | None = None):
+    """MarsPipeline from a bundle directory (None: the shipped default), errors as one-line OSError/ValueError."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from mars.pipeline import INDEX_FILE, MarsPipeline
+
+    torch_device = resolve_device(device)  # before the slow load
+    if checkpoint is None:
+        checkpoint = DEFAULT_CHECKPOINT
+        if not (checkpoint / INDEX_FILE).is_file():
+            raise FileNotFoundError(f"the default model {checkpoint} is missing: train one with "
+                                    "`python -m train.pipeline --preset shapes` (it writes runs/shapes/bundle) "
+                                    "and pass --checkpoint runs/shapes/bundle, or copy it to that folder")
+    hf_logging.disable_progress_bar()  # our own bars report progress; the weight-loading bar is noise
+    return MarsPipeline.from_pretrained(checkpoint, device=torch_device,
+                                        dtype=getattr(torch, dtype) if dtype else None)
+
+
+def max_prompt_tokens(pipe, super_resolution: bool = True) -> int:
+    """Prompt tokens that fit the text model's context beside <boi> and the image codes of every stage run."""
+    image_tokens = 1 + pipe.model.config.num_image_tokens
+    if super_resolution and pipe.superres is not None:
+        image_tokens += pipe.superres.config.num_high_tokens
+    return pipe.model.text_config.max_position_embeddings - image_tokens
+
+
+def check_prompts(pipe, prompts: list[str], super_resolution: bool = True) -> None:
+    """ValueError (one line) for an empty prompt, one longer than the context, or tokens the model never saw."""
+    limit = max_prompt_tokens(pipe, super_resolution)
+    vocab_map = pipe.tokenizer.vocab_map
+    for number, prompt in enumerate(prompts, 1):
+        which = f" (prompt {number} of {len(prompts)})" if len(prompts) > 1 else ""
+        if not prompt.strip():
+            raise ValueError(f"empty prompt{which}: describe the image, e.g. 'a red circle above a blue square'")
+        try:
+            length = len(vocab_map.encode(prompt, strict=True) if vocab_map else pipe.tokenizer.encode(prompt))
+        except ValueError as error:  # VocabMap names the pieces it never saw
+            raise ValueError(f"{error}{which}") from None
+        if length > limit:
+            hint = f"; --no-sr allows {max_prompt_tokens(pipe, False)}" if super_resolution and pipe.superres else ""
+            raise ValueError(f"prompt{which} is {length} tokens long but this model's context of "
+                             f"{pipe.model.text_config.max_position_embeddings} leaves room for {limit}{hint}: "
+                             "shorten it")
+
+
+# ----------------------------------------------------------------------------- --generate
+
+def category_prompts(n: int, langs: tuple[str, ...], seed: int) -> list[dict]:
+    """n fresh evaluation prompts: the six categories in turn, the languages alternating by round."""
+    rows = []
+    for i in range(n):
+        category, lang = CATEGORIES[i % len(CATEGORIES)], langs[(i // len(CATEGORIES)) % len(langs)]
+        spec = random_spec(np.random.default_rng([seed, i]), category)
+        rows.append({"prompt": format_prompt(spec, lang), "category": category, "lang": lang})
+    return rows
+
+
+def sample_images(pipe, prompts: list[str], batch_size: int, seed: int, options: dict,
+                  progress: bool = True) -> list[Image.Image]:
+    """Sample one image per prompt, `batch_size` prompts per pipeline call, from one seeded generator."""
+    import torch
+
+    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    images = []
+    with tqdm(total=len(prompts), desc="sampling", unit="img", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            images += pipe(batch, generator=generator, **options).images
+            bar.update(len(batch))
+    return images
+
+
+def write_image_folder(folder: Path, images: Iterable[Image.Image], records: Iterable[dict]) -> None:
+    """folder/000000.png ... and folder/prompts.jsonl ({"file", **record} a line): what --images reads.
+    Lazy `images` are written one by one as they come."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "prompts.jsonl", "w", encoding="utf-8") as listing:
+        for index, (image, record) in enumerate(zip(images, records, strict=True)):
+            name = f"{index:06d}.png"
+            image.save(folder / name)
+            listing.write(json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
+
+
+def generate_report(args: argparse.Namespace) -> dict:
+    """--generate: sample the category prompts with the model, optionally save them, score them."""
+    langs = LANGS if args.lang == "both" else (args.lang,)
+    rows = category_prompts(args.n, langs, args.seed)
+    prompts = [row["prompt"] for row in rows]
+    options = sampling_options(args)
+    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
+    check_prompts(pipe, prompts, options["super_resolution"])
+    images = sample_images(pipe, prompts, args.batch_size, args.seed, options, progress=not args.json)
+    if args.out is not None:
+        write_image_folder(args.out, images, rows)
+    return evaluate(zip(prompts, images), progress=not args.json, total=len(images))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Score shapes-world images against their prompts")
-    parser.add_argument("--images", type=Path, required=True,
-                        help="folder with images and captions.jsonl or prompts.jsonl")
+    parser = OneLineParser(prog="python -m mars.eval", description="Score shapes-world images against their prompts")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path, help="folder with images and captions.jsonl or prompts.jsonl")
+    source.add_argument("--generate", action="store_true", help="sample the category prompts with a MARS bundle")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    generation = parser.add_argument_group("--generate options")
+    generation.add_argument("--n", type=POSITIVE_INT, default=300, help="images to sample (default 300)")
+    generation.add_argument("--lang", choices=(*LANGS, "both"), default="both", help="prompt language (default both)")
+    generation.add_argument("--out", type=Path, default=None, help="also save the images and prompts.jsonl here")
+    add_sampling_arguments(generation, batch_size=True)
     args = parser.parse_args(argv)
     try:
-        entries = read_listing(args.images)
-        images = ((prompt, load_image(path)) for path, prompt in entries)  # lazily: one image in memory
-        report = evaluate(images, progress=not args.json, total=len(entries))
+        if args.generate:
+            report = generate_report(args)
+        else:
+            entries = read_listing(args.images)
+            images = ((prompt, load_image(path)) for path, prompt in entries)  # lazily: one image in memory
+            report = evaluate(images, progress=not args.json, total=len(entries))
     except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({k: report[k] for k in ("all", "by_lang")}, ensure_ascii=False, indent=2))

@@ -1,0 +1,283 @@
+"""MarsPipeline: prompt tokenizer + MARS model + VQ decoder (+ optional super-resolution), diffusers-style.
+
+    from mars.pipeline import MarsPipeline
+    pipe = MarsPipeline.from_pretrained("runs/shapes/bundle")
+    image = pipe("a red circle to the left of a blue square", guidance_scale=3.0,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    pipe.caption(image)   # image-to-text with the same model
+
+A bundle directory (written by `save_pretrained`, and by `python -m train.pipeline`):
+
+    model_index.json   {"format": "mars-pipeline", "version": 1, "tokenizer": "tokenizer",
+                        "text_model": "text_model", "mars": "mars", "vq": "vq",
+                        "superres": "superres" | null, "image_size": 128 | 256}
+    tokenizer/         tokenizer.json + tokenizer_config.json (the Qwen tokenizer), and
+                       vocab_map.json when the text model uses a trimmed vocabulary (mars.tokenizer.VocabMap)
+    text_model/        the frozen Qwen, Hugging Face format (config.json + model*.safetensors)
+    mars/              mars_config.json (text_model "../text_model") + mars_trainable.safetensors
+    vq/                config.json + model.safetensors (VQTokenizer.save_pretrained)
+    superres/          optional: mars.superres.SuperResModel.save_pretrained (text_model "../text_model")
+
+Only wiring lives here: the models sample themselves (mars.sampling, mars.superres).
+Tests: `pytest tests/test_pipeline.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from mars.config import MarsConfig
+from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel
+from mars.sampling import caption_images, generate_images
+from mars.tokenizer import VOCAB_MAP_FILE, VocabMap, save_tokenizer
+from vq import VQTokenizer, images_to_tensor, tensor_to_images
+
+INDEX_FILE = "model_index.json"
+FORMAT, VERSION = "mars-pipeline", 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+# ----------------------------------------------------------------------------- prompt tokenizer
+
+class PromptTokenizer:
+    """Text <-> the model's token ids: a Hugging Face tokenizer, or a VocabMap over one (trimmed vocabulary)."""
+
+    def __init__(self, tokenizer, vocab_map: VocabMap | None = None):
+        self.tokenizer, self.vocab_map = tokenizer, vocab_map
+
+    def encode(self, text: str) -> list[int]:
+        if self.vocab_map is not None:
+            return self.vocab_map.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.vocab_map is not None:
+            return self.vocab_map.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.vocab_map.eos_id if self.vocab_map is not None else self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.vocab_map.pad_id if self.vocab_map is not None else self.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> PromptTokenizer:
+        """tokenizer.json (+ vocab_map.json) from `directory`, e.g. a Qwen dir or a bundle's tokenizer/."""
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {directory}: point at a Qwen directory with its tokenizer "
+                                    "files (python -m mars.tokenizer --out DIR writes them)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        except Exception as error:  # tokenizers raises several types for a garbled file
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"tokenizer files in {directory} are unreadable ({reason}): "
+                             "rewrite them with python -m mars.tokenizer --out DIR") from None
+        vocab_map = VocabMap.load(directory, tokenizer) if (directory / VOCAB_MAP_FILE).is_file() else None
+        return cls(tokenizer, vocab_map)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        save_tokenizer(self.tokenizer, directory)
+        if self.vocab_map is not None:
+            self.vocab_map.save(directory)
+
+
+def load_text_model(directory: Path, dtype: torch.dtype | None = None):
+    """The frozen Qwen of a bundle (Hugging Face format), with a one-line error when it is unreadable."""
+    from transformers import AutoModelForCausalLM
+
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory / 'config.json'} not found: the bundle's text model is incomplete; "
+                                "re-export the bundle")
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, **({"dtype": dtype} if dtype is not None else {}))
+    except Exception as error:  # transformers/safetensors raise many types for truncated or garbled files
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"text model in {directory} is unreadable ({reason}): re-export the bundle") from None
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+@dataclass
+class MarsPipelineOutput:
+    images: list[Image.Image]
+    codes: Tensor  # (B, h, w) codes of the returned images (after super-resolution when it ran)
+
+
+PipelineCallback = Callable[[str, int, int, Tensor], None]  # (phase "base" | "superres", step, total, codes so far)
+
+
+def _phase(callback: PipelineCallback | None, name: str):
+    """A sampler's (step, total, codes) callback that reports to `callback` under the phase `name`."""
+    return None if callback is None else (lambda step, total, codes: callback(name, step, total, codes))
+
+
+class MarsPipeline:
+    """Text-to-image (and image-to-text) with a trained MARS model; see the module docstring."""
+
+    def __init__(self, model: MarsModel, vq: VQTokenizer, tokenizer: PromptTokenizer, superres=None):
+        self.model, self.vq, self.tokenizer, self.superres = model.eval(), vq.eval(), tokenizer, superres
+        if superres is not None:
+            superres.eval()
+        if vq.codebook_size != model.config.codebook_size:
+            raise ValueError(f"the VQ codebook has {vq.codebook_size} entries but the MARS model predicts "
+                             f"{model.config.codebook_size}: bundle the VQ the model was trained with")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.image_head.weight.device
+
+    @property
+    def image_size(self) -> int:
+        """Side of a base image in pixels (grid height * VQ downsampling)."""
+        return self.model.config.image_grid[0] * self.vq.downsample
+
+    def to(self, device: str | torch.device) -> MarsPipeline:
+        for part in (self.model, self.vq, self.superres):
+            if part is not None:
+                part.to(device)
+        return self
+
+    # --- loading and saving -----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> MarsPipeline:
+        """Load a bundle; `dtype` applies to the Qwen and the experts (the VQ decoder stays fp32).
+        The base and super-resolution models share one frozen Qwen in memory."""
+        directory = Path(directory)
+        index_path = directory / INDEX_FILE
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path} not found: point at a bundle written by "
+                                    "MarsPipeline.save_pretrained or python -m train.pipeline (DIR/bundle)")
+        try:
+            index = json.loads(index_path.read_text())
+            if index.get("format") != FORMAT:
+                raise ValueError(f"format is {index.get('format')!r}, expected {FORMAT!r}")
+            parts = {name: directory / index[name] for name in ("tokenizer", "text_model", "mars", "vq")}
+            if index.get("superres"):
+                parts["superres"] = directory / index["superres"]
+        except (ValueError, KeyError, TypeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"{index_path} is corrupt ({reason}): re-export the bundle") from None
+        pipe = cls.from_parts(parts["text_model"], parts["mars"], parts["vq"], parts["tokenizer"],
+                              parts.get("superres"), dtype=dtype)
+        return pipe.to(device) if device is not None else pipe
+
+    @classmethod
+    def from_parts(cls, text_model: str | Path, mars: str | Path, vq: str | Path, tokenizer: str | Path | None = None,
+                   superres: str | Path | None = None, dtype: torch.dtype | None = None) -> MarsPipeline:
+        """Assemble a pipeline from separate directories, e.g. the training stages' exports: a Qwen
+        directory, a MarsModel directory, a VQ directory, the tokenizer (default: the Qwen directory)
+        and optionally a SuperResModel directory. One frozen Qwen is loaded and shared."""
+        parts = {"text_model": Path(text_model), "mars": Path(mars), "vq": Path(vq),
+                 "tokenizer": Path(tokenizer or text_model)}
+        if superres is not None:
+            parts["superres"] = Path(superres)
+        for name, path in parts.items():
+            if not path.is_dir():
+                raise FileNotFoundError(f"{name} directory {path} is missing: re-export it (or the bundle)")
+        prompt_tokenizer = PromptTokenizer.from_pretrained(parts["tokenizer"])
+        qwen = load_text_model(parts["text_model"], dtype)
+        config = MarsConfig.load(parts["mars"] / CONFIG_NAME)
+        model = MarsModel.from_qwen(qwen, dataclasses.replace(config, text_model=str(parts["text_model"].resolve())))
+        model.load_trainable(parts["mars"] / WEIGHTS_NAME)
+        sr_model = None
+        if superres is not None:
+            from mars.superres import SuperResModel
+
+            sr_model = SuperResModel.from_pretrained(parts["superres"], qwen=qwen)  # the same frozen Qwen
+        return cls(model, VQTokenizer.from_pretrained(parts["vq"]), prompt_tokenizer, sr_model)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a self-contained bundle: the Qwen directory is copied once and referenced by both models."""
+        directory = Path(directory)
+        source = self.model.config.text_model
+        if source is None or not (Path(source) / "config.json").is_file():
+            raise ValueError(f"the MARS model's text_model {source!r} is not a Qwen directory: build the model with "
+                             "MarsModel.from_qwen(dir) / from_pretrained so the bundle can copy its Qwen")
+        staging = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        self.tokenizer.save_pretrained(staging / "tokenizer")
+        (staging / "text_model").mkdir()
+        for path in Path(source).iterdir():  # config and weights only: the tokenizer has its own folder
+            if path.name in ("config.json", "generation_config.json") or path.name.startswith("model"):
+                shutil.copy2(path, staging / "text_model" / path.name)
+        parts = [("mars", self.model)] + ([("superres", self.superres)] if self.superres is not None else [])
+        for name, part in parts:
+            mars = part if isinstance(part, MarsModel) else part.mars
+            own = mars.config
+            mars.config = dataclasses.replace(own, text_model="../text_model")  # relative: the bundle can move
+            try:
+                part.save_pretrained(staging / name, store_text_model=False)
+            finally:
+                mars.config = own
+        self.vq.save_pretrained(staging / "vq")
+        index = {"format": FORMAT, "version": VERSION, "tokenizer": "tokenizer", "text_model": "text_model",
+                 "mars": "mars", "vq": "vq", "superres": "superres" if self.superres is not None else None,
+                 "image_size": self.image_size * (2 if self.superres is not None else 1)}
+        (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        shutil.rmtree(directory, ignore_errors=True)  # replaced whole: never half old, half new
+        staging.rename(directory)
+        return directory
+
+    # --- text to image ----------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
+        return [self.tokenizer.encode(prompt) for prompt in prompts]
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str | Sequence[str], guidance_scale: float = 3.0, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 num_images_per_prompt: int = 1, super_resolution: bool = True,
+                 callback: PipelineCallback | None = None) -> MarsPipelineOutput:
+        """Prompt(s) -> images; `callback(phase, step, total, codes)` sees every sampling step."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or num_images_per_prompt < 1:
+            raise ValueError("give at least one prompt and num_images_per_prompt >= 1")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                        generator=generator)
+        codes = generate_images(self.model, self.encode_prompts(prompts), **sampling,
+                                callback=_phase(callback, "base"))  # (B, h, w)
+        if super_resolution and self.superres is not None:
+            from mars.superres import upsample_codes
+
+            codes = upsample_codes(self.superres, self.encode_prompts(prompts), codes, **sampling,
+                                   callback=_phase(callback, "superres"))  # (B, 2h, 2w)
+        return MarsPipelineOutput(images=tensor_to_images(self.vq.decode(codes)), codes=codes.cpu())
+
+    # --- image to text ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def caption(self, image: Image.Image | Sequence[Image.Image], max_new_tokens: int = 64, temperature: float = 0.0,
+                top_k: int | None = None, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> str | list[str]:
+        """Image(s) -> caption(s): the image is resized to the base size, encoded, and the model writes text."""
+        images = [image] if isinstance(image, Image.Image) else list(image)
+        side = self.image_size
+        resized = [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) if im.size != (side, side)
+                   else im.convert("RGB") for im in images]
+        codes = self.vq.encode(images_to_tensor(resized).to(self.vq.device)).to(self.device)  # (B, h, w)
+        token_ids = caption_images(self.model, codes, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, generator=generator,
+                                   eos_token_id=self.tokenizer.eos_id)
+        captions = [self.tokenizer.decode(ids) for ids in token_ids]
+        return captions[0] if isinstance(image, Image.Image) else captions

@@ -1,0 +1,163 @@
+"""Tests of the end-to-end smoke pipeline (train/pipeline.py) and of MarsPipeline (mars/pipeline.py).
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_pipeline.py -q
+
+One module fixture runs `python -m train.pipeline --preset shapes --smoke` (every stage, real
+Lightning runs, about a minute on 2 cores); the tests then load, sample, re-save, break and rerun it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mars.pipeline import MarsPipeline, PromptTokenizer
+from mars.tokenizer import load_qwen_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+FIT_STAGES = ("text", "vq", "stage1", "stage2")
+
+
+def run_pipeline(out: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "train.pipeline", "--preset", "shapes", "--smoke", "--out", str(out)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke")
+    result = run_pipeline(out)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(smoke_run) -> MarsPipeline:
+    return MarsPipeline.from_pretrained(smoke_run / "bundle")
+
+
+def sample(pipe: MarsPipeline, prompt="a red circle", seed=0, **kwargs):
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+# --- the smoke pipeline --------------------------------------------------------------------------
+
+def test_bundle_samples_images_of_the_right_size(smoke_run, pipe):
+    index = json.loads((smoke_run / "bundle" / "model_index.json").read_text())
+    has_superres = pipe.superres is not None
+    assert (index["superres"] is not None) == has_superres == (smoke_run / "superres" / "export").is_dir()
+    out = sample(pipe, ["a red circle", "两个蓝色的正方形"], num_images_per_prompt=2)
+    side = index["image_size"]
+    assert side == 128 * (2 if has_superres else 1)
+    assert len(out.images) == 4 and all(isinstance(im, Image.Image) and im.size == (side, side) for im in out.images)
+    assert out.codes.shape == (4, side // 16, side // 16)
+    base = sample(pipe, super_resolution=False)
+    assert base.images[0].size == (128, 128) and base.codes.shape == (1, 8, 8)
+    assert torch.equal(sample(pipe).codes, sample(pipe).codes)  # same generator seed, same image
+    assert isinstance(pipe.caption(out.images[0]), str)
+
+
+def test_every_stage_left_its_product_and_small_trainable_checkpoints(smoke_run):
+    for stage in (*FIT_STAGES, "codes"):
+        assert json.loads((smoke_run / stage / "DONE.json").read_text())["product"] == str(smoke_run / stage / "export")
+    for stage in ("stage1", "stage2"):
+        checkpoint = torch.load(smoke_run / stage / "checkpoints" / "last.ckpt", weights_only=True)
+        exported = load_file(smoke_run / stage / "export" / "mars_trainable.safetensors")
+        assert checkpoint["state_dict"].keys() == {f"model.{name}" for name in exported}
+    # The evaluation callback scored generated images and logged per-category accuracy.
+    metrics = next((smoke_run / "stage2" / "logs").glob("version_*/metrics.csv")).read_text().splitlines()[0]
+    assert "eval/overall_strict" in metrics and "eval/color_attr" in metrics
+    assert list((smoke_run / "stage2" / "logs").glob("version_*/samples/step_*.png"))
+
+
+def test_rerun_skips_finished_stages_and_resumes_an_unfinished_one(smoke_run, pipe):
+    before = {stage: (smoke_run / stage / "DONE.json").stat().st_mtime_ns for stage in FIT_STAGES}
+    result = run_pipeline(smoke_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(f"[pipeline] {stage}: done" in result.stdout for stage in FIT_STAGES)
+    assert before == {stage: (smoke_run / stage / "DONE.json").stat().st_mtime_ns for stage in FIT_STAGES}
+
+    # Stage 2 finished training but "died" before exporting: the rerun resumes it from last.ckpt,
+    # trains no further step and exports exactly the weights it had.
+    exported = load_file(smoke_run / "stage2" / "export" / "mars_trainable.safetensors")
+    shutil.rmtree(smoke_run / "stage2" / "export")
+    (smoke_run / "stage2" / "DONE.json").unlink()
+    result = run_pipeline(smoke_run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "auto-resume" in result.stdout + result.stderr and "[pipeline] stage2: finished" in result.stdout
+    again = load_file(smoke_run / "stage2" / "export" / "mars_trainable.safetensors")
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
+    reloaded = MarsPipeline.from_pretrained(smoke_run / "bundle")
+    assert torch.equal(sample(reloaded).codes, sample(pipe).codes)
+
+
+# --- MarsPipeline --------------------------------------------------------------------------------
+
+def test_save_pretrained_round_trip_is_exact_and_relocatable(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "copy")
+    moved = tmp_path / "elsewhere" / "bundle"
+    moved.parent.mkdir()
+    (tmp_path / "copy").rename(moved)  # the bundle references its Qwen relatively
+    loaded = MarsPipeline.from_pretrained(moved)
+    assert torch.equal(sample(loaded, seed=3, guidance_scale=2.0).codes, sample(pipe, seed=3, guidance_scale=2.0).codes)
+    assert json.loads((moved / "mars" / "mars_config.json").read_text())["text_model"] == "../text_model"
+    if loaded.superres is not None:  # base and super-resolution share one frozen Qwen
+        assert loaded.superres.mars.model.embed_tokens.weight is loaded.model.model.embed_tokens.weight
+
+
+def test_callback_sees_every_step_of_each_phase(pipe):
+    seen = []
+    out = sample(pipe, callback=lambda phase, step, total, codes: seen.append((phase, step, total, codes.shape[0])))
+    base = [s for s in seen if s[0] == "base"]
+    assert [s[1] for s in base] == list(range(64)) and {s[2] for s in base} == {64}
+    if pipe.superres is not None:
+        groups = [s for s in seen if s[0] == "superres"]
+        assert groups and [s[1] for s in groups] == list(range(len(groups))) and out.codes.shape[-1] == 16
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    ("no_index", FileNotFoundError, "model_index.json not found"),
+    ("bad_index", ValueError, "is corrupt"),
+    ("no_vq", FileNotFoundError, "vq directory"),
+    ("bad_weights", ValueError, "not a readable safetensors file"),
+    ("bad_text_model", ValueError, "text model in"),
+])
+def test_broken_bundles_fail_with_one_line_errors(smoke_run, tmp_path, damage, error, message):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(smoke_run / "bundle", bundle)
+    if damage == "no_index":
+        (bundle / "model_index.json").unlink()
+    elif damage == "bad_index":
+        (bundle / "model_index.json").write_text("{not json")
+    elif damage == "no_vq":
+        shutil.rmtree(bundle / "vq")
+    elif damage == "bad_weights":
+        (bundle / "mars" / "mars_trainable.safetensors").write_bytes(b"\0" * 64)
+    else:
+        (bundle / "text_model" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(error, match=message) as caught:
+        MarsPipeline.from_pretrained(bundle)
+    assert "\n" not in str(caught.value)
+
+
+def test_prompt_tokenizer_round_trips_with_and_without_a_vocab_map(smoke_run, tmp_path):
+    trimmed = PromptTokenizer.from_pretrained(smoke_run / "bundle" / "tokenizer")
+    text = "一个红色的圆形在一个蓝色的正方形的左边"
+    ids = trimmed.encode(text)
+    assert trimmed.vocab_map is not None and max(ids) < len(trimmed.vocab_map) and trimmed.decode(ids) == text
+    PromptTokenizer(load_qwen_tokenizer()).save_pretrained(tmp_path / "full")
+    full = PromptTokenizer.from_pretrained(tmp_path / "full")
+    assert full.vocab_map is None and full.decode(full.encode(text)) == text
+    assert trimmed.vocab_map.to_full(ids) == full.encode(text)  # the same Qwen tokens, renumbered
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        PromptTokenizer.from_pretrained(tmp_path)

@@ -1,0 +1,82 @@
+"""Training entry for every MARS stage: LightningCLI over one YAML per stage (subclass mode).
+
+    python -m train fit --config train/configs/shapes_stage1.yaml
+    python -m train fit --config train/configs/vq_shapes.yaml --trainer.max_steps 200   # override anything
+    python -m train fit --config A.yaml --config smoke.yaml                              # later files win
+
+The YAML names `model.class_path` and `data.class_path` (any LightningModule / LightningDataModule),
+so a new stage is a new YAML, not new code. On top of LightningCLI:
+
+- checkpoints: a ModelCheckpoint without `dirpath` writes to `<trainer.default_root_dir>/checkpoints`
+  (a fixed place, not the logger's versioned folder), so a rerun can find them;
+- auto-resume: without `--ckpt_path`, `fit` resumes from that folder's `last.ckpt` when it exists
+  (global step, optimizer, scheduler, callbacks and data position; see train/codes.py). A torn
+  last.ckpt (killed mid-write) falls back to the newest readable checkpoint. `--auto_resume false`
+  starts afresh.
+
+Multi-GPU / multi-node: set `trainer.devices`, `trainer.num_nodes` and `trainer.strategy` (ddp or
+fsdp, see train/configs/real_data_example.yaml), then launch the same command on every node
+with torchrun or SLURM's srun (Lightning reads their environment):
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        -m train fit --config CONFIG.yaml --trainer.num_nodes 2 --trainer.devices 8
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def readable_checkpoint(path: Path) -> bool:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torn zip, truncated pickle, empty file: all mean "not this one"
+        return False
+    return isinstance(checkpoint, dict) and "global_step" in checkpoint
+
+
+def find_resume_checkpoint(directory: str | Path) -> Path | None:
+    """`last.ckpt` in `directory`, else the newest readable *.ckpt there, else None."""
+    directory = Path(directory)
+    last = directory / "last.ckpt"
+    if last.exists() and readable_checkpoint(last):
+        return last
+    others = sorted((p for p in directory.glob("*.ckpt") if p.name != "last.ckpt"),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    if last.exists():
+        warnings.warn(f"{last} is unreadable (killed while writing?); looking for an older checkpoint", stacklevel=2)
+    return next((p for p in others if readable_checkpoint(p)), None)
+
+
+class MarsCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--auto_resume", type=bool, default=True,
+                            help="resume fit from <checkpoint dir>/last.ckpt when it exists and no ckpt_path is given")
+
+    def before_fit(self) -> None:
+        checkpoints = [cb for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+        for callback in checkpoints:
+            if callback.dirpath is None:
+                callback.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
+        config = self.config_init["fit"]
+        if config.get("ckpt_path") or not config.get("auto_resume", True) or not checkpoints:
+            return
+        found = find_resume_checkpoint(checkpoints[0].dirpath)
+        if found is not None:
+            rank_zero_info(f"auto-resume: continuing from {found}")
+            config["ckpt_path"] = str(found)
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    return MarsCLI(subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
+                   save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Lightning callbacks of the MARS stages: a non-finite-loss guard and the shapes-world evaluator.
+
+    FiniteLossGuard     stops the run with a clear error on a NaN/inf training loss, before any
+                        checkpoint of the broken weights is written (all ranks stop together).
+    ShapesEvalCallback  every N steps (and at the end of fit): generate images for the spec's
+                        category prompts (English and Chinese), decode them with the VQ, score
+                        them with mars.shapes, log per-category accuracy (plain and strict) and
+                        a grid of samples (TensorBoard image and PNG under the run's log dir).
+
+Used from the stage YAMLs in train/configs/ (trainer.callbacks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from einops import rearrange
+from lightning.pytorch.utilities import rank_zero_only
+
+from mars.sampling import generate_images
+from mars.shapes import CATEGORIES, LANGS, sample_example, score, summarize
+
+
+class FiniteLossGuard(L.Callback):
+    """Raises FloatingPointError when the training loss is NaN or infinite on any rank.
+
+    Lightning runs checkpoint callbacks after all others, so the step that produced the bad loss
+    is never saved; `last.ckpt` keeps the last good state to resume from.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return  # manual optimisation modules return nothing
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            value = loss.detach().float().item()
+            raise FloatingPointError(
+                f"training loss is {value} at batch {batch_idx} (on some rank; {trainer.global_step} optimizer steps "
+                "done): "
+                "stopped before checkpointing it. Rerun the same command to resume from the last checkpoint with a "
+                "lower optim.lr, precision 32 or trainer.gradient_clip_val")
+
+
+def eval_prompts(num_prompts: int, seed: int) -> list[str]:
+    """The spec's category prompts, cycling through the six categories, English and Chinese alternating."""
+    return [sample_example(np.random.default_rng([seed, i]), CATEGORIES[i % len(CATEGORIES)],
+                           LANGS[(i // len(CATEGORIES)) % 2]).prompt for i in range(num_prompts)]
+
+
+def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> uint8 (3, rows*H, columns*W), white where the grid has no image."""
+    rows = math.ceil(len(images) / columns)
+    pad = images.new_ones(rows * columns - len(images), *images.shape[1:])
+    pixels = ((torch.cat([images, pad]).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return rearrange(pixels, "(r c) ch h w -> ch (r h) (c w)", c=columns)
+
+
+class ShapesEvalCallback(L.Callback):
+    """Scores generated shapes-world images every `every_n_steps` optimizer steps (rank zero only).
+
+    vq: the VQ tokenizer directory the codes came from. Logs eval/overall, eval/overall_strict and
+    eval/<category>, eval/<category>_strict; writes samples/step_<N>.png + eval/step_<N>.json under
+    the logger's directory (or trainer.default_root_dir).
+    """
+
+    def __init__(self, vq: str, every_n_steps: int = 500, num_prompts: int = 48, guidance_scale: float = 3.0,
+                 temperature: float = 1.0, top_k: int | None = None, batch_size: int = 16, log_images: int = 16,
+                 seed: int = 0, at_fit_end: bool = True):
+        super().__init__()
+        if every_n_steps < 1 or num_prompts < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} and num_prompts={num_prompts} must be >= 1")
+        self.vq_dir, self.every_n_steps, self.num_prompts = vq, every_n_steps, num_prompts
+        self.sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k)
+        self.batch_size, self.log_images, self.seed, self.at_fit_end = batch_size, log_images, seed, at_fit_end
+        self.vq = None
+        self.last_step = -1
+        self.last_summary: dict | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from vq import VQTokenizer
+
+        if self.vq is None:  # at fit start: a wrong path fails now, not after hours of training
+            self.vq = VQTokenizer.from_pretrained(self.vq_dir)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.at_fit_end and trainer.global_step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    @rank_zero_only
+    def evaluate(self, trainer, pl_module) -> dict:
+        self.last_step = step = trainer.global_step
+        model, tokenizer = pl_module.model, pl_module.prompt_tokenizer
+        self.setup(trainer, pl_module, "fit")
+        self.vq.to(pl_module.device)
+        prompts = eval_prompts(self.num_prompts, self.seed)
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)  # never the global RNG
+        was_training = model.training
+        model.eval()
+        images = []
+        with torch.inference_mode():
+            for first in range(0, len(prompts), self.batch_size):
+                chunk = [tokenizer.encode(p) for p in prompts[first:first + self.batch_size]]
+                codes = generate_images(model, chunk, generator=generator, **self.sampling)  # (b, h, w)
+                images.append(self.vq.decode(codes).float().cpu())  # (b, 3, H, W)
+        model.train(was_training)
+        images = torch.cat(images)
+        from vq import tensor_to_images
+
+        summary = summarize([score(p, im) for p, im in zip(prompts, tensor_to_images(images))])
+        metrics = {"eval/overall": summary["overall"], "eval/overall_strict": summary["overall_strict"]}
+        for category, result in summary["categories"].items():
+            metrics[f"eval/{category}"], metrics[f"eval/{category}_strict"] = result["accuracy"], result["strict"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        self._write(trainer, step, images[:self.log_images], prompts[:self.log_images], summary)
+        self.last_summary = summary
+        return summary
+
+    def _write(self, trainer, step: int, images: torch.Tensor, prompts: list[str], summary: dict) -> None:
+        from PIL import Image
+
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        grid = image_grid(images, columns=min(8, len(images)))  # (3, H', W') uint8
+        (root / "samples").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rearrange(grid, "c h w -> h w c").numpy()).save(root / "samples" / f"step_{step:07d}.png")
+        record = {"step": step, "prompts_in_grid": prompts, **summary}
+        (root / "samples" / f"step_{step:07d}.json").write_text(json.dumps(record, ensure_ascii=False, indent=1))
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):  # TensorBoard (tensorboardX or tensorboard)
+                experiment.add_image("samples", grid.numpy(), global_step=step)

@@ -1,0 +1,404 @@
+"""Image codes extracted once (LlamaGen style) and the deterministic batches the MARS stages read.
+
+The VQ tokenizer is frozen after its own stage, so every training image is encoded once, here,
+and stages 1-3 train on integer grids and captions, never on pixels.
+
+Codes directory format (version 1), written by `extract_codes` / `python -m train.codes`:
+
+    DIR/meta.json          {"format": "mars-codes", "version": 1, "num_items": N,
+                            "sizes": [128, 256], "grids": {"128": [8, 8], "256": [16, 16]},
+                            "codebook_size": 1024, "downsample": 16, "source": "shapes",
+                            "seed": 0, "vq": "<VQ directory used>"}
+    DIR/codes.safetensors  one tensor per encoded image size S: "codes_<S>" of shape
+                           (N, S/f, S/f), int16 (int32 when the codebook exceeds 32767 entries).
+                           Row i of every tensor is the same image i (the same scene rendered
+                           at each size), so codes_128[i] and codes_256[i] are a super-resolution pair.
+    DIR/captions.jsonl     N lines, line i describes image i:
+                           {"index": i, "category": "position" | ... | "scene" | null,
+                            "captions": {"<kind>_<lang>": text, ...}}
+                           kinds: "prompt" (a category prompt of ../shared/shapes-world.md that the
+                           image passes strictly), "scene" (a full scene description), "caption"
+                           (a real-data caption: caption_en holds the source's `caption` field,
+                           whatever its language); langs: "en", "zh". Shapes-world items carry
+                           prompt_en, prompt_zh, scene_en, scene_zh (free scenes only scene_*).
+
+Reading:
+
+    codes = CodeSet.load("runs/shapes/codes")       # checks format and shapes, one-line errors
+    codes.grid(128), codes.codes[128][i]            # (8, 8), int16 as stored (batches hand out int64)
+    codes.caption(i, rng, kind="mixed", lang="both")
+
+Training data is a pure function of the global sample position p (the p-th sample the run
+consumes, over all ranks): epoch p // N_train, a permutation seeded by (seed, epoch), and a
+caption drawn with rng (seed, p). A resumed run therefore sees exactly the batches an
+uninterrupted one would: `CodesDataModule` starts its stream at batch
+`trainer.global_step * accumulate_grad_batches` (see `IndexedBatches`).
+
+    python -m train.codes --vq checkpoints/vq-shapes --out runs/shapes/codes --n 20000 --sizes 128 256
+    python -m train.codes --source webdataset --path "shards/{000..099}.tar" --vq DIR --sizes 256 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from mars.shapes import CATEGORIES, LANGS, describe_scene, format_prompt, random_scene, render, sample_example
+from train.data import ImageCaptionFolder, WebDatasetShards, _distributed, image_to_tensor
+
+FORMAT, VERSION = "mars-codes", 1
+META_FILE, CODES_FILE, CAPTIONS_FILE = "meta.json", "codes.safetensors", "captions.jsonl"
+KINDS = ("prompt", "scene", "caption")
+
+
+# ----------------------------------------------------------------------------- items to encode
+
+def shapes_item(seed: int, index: int, free_scene_ratio: float = 0.25) -> tuple:
+    """Shapes-world item `index`: (scene, category, captions dict); a pure function of (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    if rng.random() < free_scene_ratio:
+        scene, category, captions = random_scene(rng), "scene", {}
+    else:
+        example = sample_example(rng, category=str(rng.choice(CATEGORIES)), lang="en")
+        scene, category = example.scene, example.category
+        captions = {f"prompt_{lang}": format_prompt(example.spec, lang) for lang in LANGS}
+    captions |= {f"scene_{lang}": describe_scene(scene, lang) for lang in LANGS}
+    return scene, category, captions
+
+
+def _shapes_batches(n: int, sizes: list[int], seed: int, batch_size: int) -> Iterator[tuple[dict, list[dict]]]:
+    for first in range(0, n, batch_size):
+        items = [shapes_item(seed, i) for i in range(first, min(n, first + batch_size))]
+        images = {size: torch.stack([image_to_tensor(render(scene, size), size) for scene, _, _ in items])
+                  for size in sizes}
+        yield images, [{"category": category, "captions": captions} for _, category, captions in items]
+
+
+def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) -> Iterator[tuple[dict, list[dict]]]:
+    """Folder/WebDataset images: read at the largest size, smaller sizes downscaled from it."""
+    from torch.nn.functional import interpolate
+
+    def flush(buffer: list[dict]) -> tuple[dict, list[dict]]:
+        full = torch.stack([x["image"] for x in buffer])  # (B, 3, S, S)
+        images = {size: full if size == max(sizes) else
+                  interpolate(full, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1) for size in sizes}
+        return images, [{"category": None, "captions": {"caption_en": x["caption"]}} for x in buffer]
+
+    buffer, count = [], 0
+    # A map-style set is read by index: ImageCaptionFolder wraps indices around, so never iterate it.
+    items = iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
+    for item in items:
+        buffer.append(item)
+        count += 1
+        if len(buffer) == batch_size:
+            yield flush(buffer)
+            buffer = []
+        if count == n:
+            break
+    if buffer:
+        yield flush(buffer)
+
+
+# ----------------------------------------------------------------------------- extraction
+
+@torch.no_grad()
+def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, sizes: tuple[int, ...] = (128, 256),
+                  seed: int = 0, batch_size: int = 64, source: str = "shapes", path: str | None = None,
+                  device: str = "cpu") -> Path:
+    """Encode N images at every size with the VQ tokenizer in `vq_dir` and write the codes directory `out`.
+
+    source "shapes" renders shapes-world items 0..N-1 (seeded); "folder"/"webdataset" read `path`
+    (train/data.py formats; n=None reads everything). Written atomically: `out` appears complete or not at all.
+    """
+    from vq import VQTokenizer
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: delete it or choose another --out")
+    sizes = sorted(int(s) for s in sizes)
+    if not sizes:
+        raise ValueError("sizes is empty: give at least one image size, e.g. --sizes 128 256")
+    tokenizer = VQTokenizer.from_pretrained(vq_dir, map_location=device)
+    bad = [s for s in sizes if s % tokenizer.downsample]
+    if bad:
+        raise ValueError(f"sizes {bad} are not multiples of the VQ downsampling factor {tokenizer.downsample}")
+    if source == "shapes":
+        if n is None or n < 1:
+            raise ValueError(f"n={n}: the shapes source needs a positive number of images")
+        batches, total = _shapes_batches(n, sizes, seed, batch_size), n
+    elif source in ("folder", "webdataset"):
+        if path is None:
+            raise ValueError(f"source={source!r} needs path= (a captions.jsonl folder or tar shards)")
+        dataset = (ImageCaptionFolder(path, max(sizes)) if source == "folder"
+                   else WebDatasetShards(path, max(sizes), rank=0, world_size=1))
+        batches, total = _dataset_batches(dataset, n, sizes, batch_size), n
+    else:
+        raise ValueError(f"source={source!r}: use 'shapes', 'folder' or 'webdataset'")
+    dtype = torch.int16 if tokenizer.codebook_size <= torch.iinfo(torch.int16).max + 1 else torch.int32
+    codes: dict[int, list[torch.Tensor]] = {size: [] for size in sizes}
+    records: list[dict] = []
+    with tqdm(total=total, desc="extract codes", unit="img", disable=None) as progress:
+        for images, infos in batches:
+            for size in sizes:
+                codes[size].append(tokenizer.encode(images[size].to(device)).cpu().to(dtype))  # (B, h, w)
+            records += [{"index": len(records) + j, **info} for j, info in enumerate(infos)]
+            progress.update(len(infos))
+    if not records:
+        raise ValueError(f"no images were read from {path}: check the path and the files' format")
+    staging = out.with_name(out.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    tensors = {f"codes_{size}": torch.cat(codes[size]).contiguous() for size in sizes}
+    save_file(tensors, staging / CODES_FILE)
+    with open(staging / CAPTIONS_FILE, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    meta = {"format": FORMAT, "version": VERSION, "num_items": len(records), "sizes": sizes,
+            "grids": {str(s): list(tensors[f"codes_{s}"].shape[1:]) for s in sizes},
+            "codebook_size": tokenizer.codebook_size, "downsample": tokenizer.downsample,
+            "source": source, "seed": seed, "vq": str(Path(vq_dir).resolve())}
+    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    staging.rename(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading
+
+def select_captions(captions: dict[str, str], kind: str = "mixed", lang: str = "both") -> list[str]:
+    """The texts of a {"<kind>_<lang>": text} dict matching kind ("mixed" = any) and lang ("both" = any);
+    all of them when none match, so an item always has a caption."""
+    chosen = [text for key, text in sorted(captions.items())
+              if kind in ("mixed", key.split("_")[0]) and lang in ("both", key.split("_")[-1])]
+    return chosen or [text for _, text in sorted(captions.items())]
+
+
+class CodeSet:
+    """A loaded codes directory: `codes[size]` (N, h, w) in the stored integer type (int16 keeps a
+    large set 4x smaller in memory than int64), `records[i]`, `meta`."""
+
+    def __init__(self, codes: dict[int, torch.Tensor], records: list[dict], meta: dict):
+        self.codes, self.records, self.meta = codes, records, meta
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CodeSet:
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: extract codes first "
+                                    f"(python -m train.codes --vq VQ_DIR --out {directory})")
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+            tensors = load_file(directory / CODES_FILE)
+            lines = (directory / CAPTIONS_FILE).read_text(encoding="utf-8").splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+            codes = {int(s): tensors[f"codes_{s}"] for s in meta["sizes"]}
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"codes directory {directory} is incomplete or corrupt ({reason}): "
+                             "delete it and extract again with python -m train.codes") from None
+        counts = {len(records), meta["num_items"], *(len(c) for c in codes.values())}
+        if len(counts) != 1:
+            raise ValueError(f"codes directory {directory} holds mismatched item counts {sorted(counts)}: "
+                             "extract again")
+        return cls(codes, records, meta)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted(self.codes)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.meta["codebook_size"])
+
+    def grid(self, size: int) -> tuple[int, int]:
+        if size not in self.codes:
+            raise ValueError(f"no codes at {size} px in this codes directory (it holds {self.sizes}): "
+                             f"extract with --sizes {size}")
+        return tuple(self.codes[size].shape[1:])
+
+    def captions(self, index: int, kind: str = "mixed", lang: str = "both") -> list[str]:
+        """Captions of item `index` matching kind ("prompt", "scene", "caption" or "mixed") and
+        lang ("en", "zh", "both"); when none match, all of its captions (never an empty list)."""
+        return select_captions(self.records[index]["captions"], kind, lang)
+
+    def caption(self, index: int, rng: np.random.Generator, kind: str = "mixed", lang: str = "both") -> str:
+        options = self.captions(index, kind, lang)
+        return options[int(rng.integers(len(options)))]
+
+
+# ----------------------------------------------------------------------------- deterministic batches
+
+class IndexedBatches(IterableDataset):
+    """An endless stream of whole batches where batch k is `self.make_batch(k, rank, world_size)`.
+
+    Starts at `start_batch` (set before iterating, e.g. from the restored global step). DataLoader
+    workers take batches round-robin, which the loader reads back in order, so the stream is the
+    same for any number of workers; DDP ranks build disjoint rows of the same global batch.
+    """
+
+    start_batch = 0
+
+    def make_batch(self, k: int, rank: int, world: int) -> dict:
+        raise NotImplementedError
+
+    def __iter__(self):
+        rank, world = _distributed(None, None)
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        k = self.start_batch + worker
+        while True:
+            yield self.make_batch(k, rank, world)
+            k += workers
+
+
+def positions(batch: int, batch_size: int, rank: int, world: int) -> range:
+    """Global sample positions of `rank`'s rows in global batch `batch`."""
+    first = (batch * world + rank) * batch_size
+    return range(first, first + batch_size)
+
+
+class CodeSampler:
+    """Global position p -> (item index, caption): a fresh permutation of the items every epoch."""
+
+    def __init__(self, code_set: CodeSet, items: range, seed: int, kind: str, lang: str):
+        self.code_set, self.items, self.seed, self.kind, self.lang = code_set, items, seed, kind, lang
+        self._perm_epoch, self._perm = -1, None
+
+    def __call__(self, p: int) -> tuple[int, str]:
+        epoch, offset = divmod(p, len(self.items))
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+            self._perm_epoch = epoch
+        index = self.items[int(self._perm[offset])]
+        return index, self.code_set.caption(index, np.random.default_rng([self.seed, 1, p]), self.kind, self.lang)
+
+
+class CodeBatches(IndexedBatches):
+    """Batches {"codes_<S>": (B, h, w) per size, "caption": [str], "category": [str | None],
+    "index": (B,), "seed": int}. `seed` is a per-batch integer for the module's own draws
+    (task mix, caption dropout), so those repeat on resume too."""
+
+    def __init__(self, sampler: CodeSampler, batch_size: int, sizes: tuple[int, ...]):
+        self.sampler, self.batch_size, self.sizes = sampler, batch_size, tuple(sizes)
+
+    def make_batch(self, k: int, rank: int = 0, world: int = 1) -> dict:
+        code_set = self.sampler.code_set
+        picks = [self.sampler(p) for p in positions(k, self.batch_size, rank, world)]
+        index = torch.tensor([i for i, _ in picks])
+        out = {f"codes_{s}": code_set.codes[s][index].long() for s in self.sizes}  # (B, h, w)
+        return out | {"caption": [c for _, c in picks], "index": index,
+                      "category": [code_set.records[i]["category"] for i in index.tolist()],
+                      "seed": int(np.random.default_rng([self.sampler.seed, 2, k, rank]).integers(2**62))}
+
+
+class CodesDataModule(L.LightningDataModule):
+    """CodeBatches from a codes directory for training; the last `val_items` items are held out
+    and `val_batches` fixed batches of them validate."""
+
+    def __init__(self, path: str, batch_size: int = 32, sizes: tuple[int, ...] = (128,), captions: str = "mixed",
+                 lang: str = "both", val_items: int = 64, val_batches: int = 2, seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        if captions not in ("mixed", *KINDS):
+            raise ValueError(f"captions={captions!r}: use 'mixed' or one of {KINDS}")
+        if lang not in ("en", "zh", "both"):
+            raise ValueError(f"lang={lang!r}: use 'en', 'zh' or 'both'")
+        self.save_hyperparameters()
+        self.code_set: CodeSet | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.code_set is not None:
+            return
+        h = self.hparams
+        self.code_set = CodeSet.load(h.path)
+        for size in h.sizes:
+            self.code_set.grid(size)  # a clear error for a size that was not extracted
+        n = len(self.code_set)
+        if n <= h.val_items:
+            raise ValueError(f"{h.path} has {n} items but val_items={h.val_items}: extract more or lower val_items")
+        train = CodeSampler(self.code_set, range(0, n - h.val_items), h.seed, h.captions, h.lang)
+        val = CodeSampler(self.code_set, range(n - h.val_items, n), h.seed + 1, h.captions, h.lang)
+        self.train_set = CodeBatches(train, h.batch_size, h.sizes)
+        self.val_set = CodeBatches(val, h.batch_size, h.sizes)
+
+    def train_dataloader(self) -> DataLoader:
+        self.train_set.start_batch = resume_batch(self.trainer)
+        return DataLoader(self.train_set, batch_size=None, num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        # Fixed, rank-independent batches; under DDP Lightning's sampler splits them between ranks.
+        batches = [self.val_set.make_batch(k) for k in range(self.hparams.val_batches)]
+        return DataLoader(batches, batch_size=None)
+
+
+class CaptionBatches(IndexedBatches):
+    """Caption-only batches {"caption": [str], "seed": int} for the text LM (stage 0): sample p is
+    one caption of shapes item p (seeded), of the chosen kinds and languages."""
+
+    def __init__(self, batch_size: int, seed: int, kind: str = "mixed", lang: str = "both"):
+        self.batch_size, self.seed, self.kind, self.lang = batch_size, seed, kind, lang
+
+    def make_batch(self, k: int, rank: int = 0, world: int = 1) -> dict:
+        captions = []
+        for p in positions(k, self.batch_size, rank, world):
+            options = select_captions(shapes_item(self.seed, p)[2], self.kind, self.lang)
+            captions.append(options[int(np.random.default_rng([self.seed, 1, p]).integers(len(options)))])
+        return {"caption": captions, "seed": int(np.random.default_rng([self.seed, 2, k, rank]).integers(2**62))}
+
+
+class CaptionsDataModule(L.LightningDataModule):
+    """Shapes-world captions for the text LM: an endless seeded stream and `val_batches` fixed batches."""
+
+    def __init__(self, batch_size: int = 64, captions: str = "mixed", lang: str = "both", val_batches: int = 2,
+                 seed: int = 0, num_workers: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_set = CaptionBatches(batch_size, seed, captions, lang)
+        self.val_set = CaptionBatches(batch_size, seed + 1_000_003, captions, lang)  # unseen items
+
+    def train_dataloader(self) -> DataLoader:
+        self.train_set.start_batch = resume_batch(self.trainer)
+        return DataLoader(self.train_set, batch_size=None, num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([self.val_set.make_batch(k) for k in range(self.hparams.val_batches)], batch_size=None)
+
+
+def resume_batch(trainer) -> int:
+    """Batches this run has already trained on (0 for a fresh run): where its data stream resumes."""
+    if trainer is None:
+        return 0
+    return trainer.global_step * trainer.accumulate_grad_batches
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.codes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vq", required=True, help="VQ tokenizer directory (VQTokenizer.save_pretrained)")
+    parser.add_argument("--out", required=True, type=Path, help="codes directory to create")
+    parser.add_argument("--n", type=int, default=2048, help="images to encode (all of a folder/shards when 0)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sizes to encode")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--source", choices=("shapes", "folder", "webdataset"), default="shapes")
+    parser.add_argument("--path", help="image folder with captions.jsonl, or tar shards (source folder/webdataset)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    out = extract_codes(args.vq, args.out, args.n or None, tuple(args.sizes), args.seed, args.batch_size,
+                        args.source, args.path, args.device)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Every MARS training stage in order, then a sampling bundle: DIR/bundle for MarsPipeline.from_pretrained.
+
+    python -m train.pipeline --preset shapes --out runs/shapes            # the full shapes-world recipe
+    python -m train.pipeline --preset shapes --smoke                      # tiny, minutes on 2 CPU cores
+    python -m train.pipeline --preset shapes --vq checkpoints/vq-shapes   # reuse a trained VQ tokenizer
+
+Stages of the shapes preset: text (stage 0, a small Qwen LM; skipped with --text-model DIR),
+vq (skipped with --vq DIR), codes (extracted once), stage1 (alignment, t2i + i2t), stage2 (t2i
+refinement, caption dropout) and superres (stage 3, when train/configs/shapes_stage3_superres.yaml exists).
+
+Each fit stage is the documented command, run as a subprocess:
+`python -m train fit --config DIR/<stage>/config.yaml`, where that config is the stage YAML of
+train/configs/ (merged with train/configs/smoke/<same name> under --smoke) with its paths wired
+under DIR: checkpoints in DIR/<stage>/checkpoints, logs in DIR/<stage>/logs, the export in
+DIR/<stage>/export (the codes stage too), inputs from the earlier stages' exports. A finished stage leaves
+DIR/<stage>/DONE.json and is skipped by a rerun; an interrupted one resumes from its last.ckpt
+(train/__main__.py auto-resume), so rerunning the same command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: str  # file name in train/configs/
+    kind: str = "fit"  # "fit" (a Lightning run) or "codes" (extraction)
+    init_from: str | None = None  # the stage whose export model.init_args.init_from points at
+    smoke: str | None = None  # overlay in train/configs/smoke/ (default: the same file name as `config`)
+
+
+PRESETS = {
+    "shapes": (Stage("text", "shapes_text.yaml"), Stage("vq", "vq_shapes.yaml"),
+               Stage("codes", "shapes_codes.yaml", kind="codes"), Stage("stage1", "shapes_stage1.yaml"),
+               Stage("stage2", "shapes_stage2.yaml", init_from="stage1"),
+               Stage("superres", "shapes_stage3_superres.yaml", init_from="stage2", smoke="shapes_stage3.yaml")),
+}
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """Mappings merge key by key; anything else in `overlay` replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_stage_config(stage: Stage, smoke: bool) -> dict:
+    config = yaml.safe_load((CONFIG_DIR / stage.config).read_text())
+    overlay = CONFIG_DIR / "smoke" / (stage.smoke or stage.config)
+    if smoke and overlay.is_file():
+        config = merge(config, yaml.safe_load(overlay.read_text()) or {})
+    return config
+
+
+def _entries(value) -> list[dict]:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+class Runner:
+    """Runs the stages of one preset under `out`, remembering where each stage's product lives."""
+
+    def __init__(self, out: Path, smoke: bool, vq: str | None = None, text_model: str | None = None):
+        self.out, self.smoke = out.resolve(), smoke
+        self.products: dict[str, Path] = {}
+        if vq:
+            self.products["vq"] = Path(vq).resolve()
+        if text_model:
+            self.products["text"] = Path(text_model).resolve()
+        self.timings: dict[str, float] = {}
+
+    def wire(self, stage: Stage, config: dict) -> dict:
+        """Point every path of a fit config under out/<stage> and at the earlier stages' products."""
+        root = self.out / stage.name
+        trainer, model, data = config.setdefault("trainer", {}), config["model"], config.get("data", {})
+        trainer["default_root_dir"] = str(root)
+        for logger in _entries(trainer.get("logger")):
+            if isinstance(logger, dict):
+                logger.setdefault("init_args", {}).update(save_dir=str(root), name="logs")
+        for callback in _entries(trainer.get("callbacks")):
+            args = callback.setdefault("init_args", {})
+            if callback["class_path"].endswith("ModelCheckpoint"):
+                args["dirpath"] = str(root / "checkpoints")
+            if callback["class_path"].endswith("ShapesEvalCallback"):
+                args["vq"] = str(self.products["vq"])
+        model_args, data_args = model.setdefault("init_args", {}), data.setdefault("init_args", {})
+        model_args["export_dir"] = str(root / "export")
+        if "text_model" in model_args:
+            model_args["text_model"] = str(self.products["text"])
+        if "path" in data_args and "codes" in self.products:
+            data_args["path"] = str(self.products["codes"])
+        if "codebook_size" in model_args and "vq" in self.products:  # whatever VQ this run uses
+            vq_config = json.loads((self.products["vq"] / "config.json").read_text())
+            model_args["codebook_size"] = vq_config["codebook_size"]
+        if stage.init_from is not None:
+            model_args["init_from"] = str(self.products[stage.init_from])
+        return config
+
+    def run(self, stage: Stage) -> None:
+        root = self.out / stage.name
+        done = root / "DONE.json"
+        if stage.name in self.products:
+            print(f"[pipeline] {stage.name}: using {self.products[stage.name]}")
+            return
+        product = root / "export"
+        if done.is_file():
+            print(f"[pipeline] {stage.name}: done ({product})")
+            self.products[stage.name] = product
+            return
+        root.mkdir(parents=True, exist_ok=True)
+        config = load_stage_config(stage, self.smoke)
+        start = time.perf_counter()
+        print(f"[pipeline] {stage.name}: running", flush=True)
+        if stage.kind == "codes":
+            self.extract(config, product)
+        else:
+            config_path = root / "config.yaml"
+            config_path.write_text(yaml.safe_dump(self.wire(stage, config), sort_keys=False, allow_unicode=True))
+            command = [sys.executable, "-m", "train", "fit", "--config", str(config_path)]
+            result = subprocess.run(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+            if result.returncode != 0:
+                raise SystemExit(f"[pipeline] stage {stage.name} failed (exit {result.returncode}); fix the cause and "
+                                 f"rerun the same command to resume it from {root / 'checkpoints'}")
+            if not product.is_dir():
+                raise SystemExit(f"[pipeline] stage {stage.name} finished without writing {product}: "
+                                 f"check {config_path} (model.init_args.export_dir)")
+        seconds = time.perf_counter() - start
+        self.timings[stage.name] = seconds
+        done.write_text(json.dumps({"product": str(product), "seconds": round(seconds, 1)}) + "\n")
+        self.products[stage.name] = product
+        print(f"[pipeline] {stage.name}: finished in {seconds:.1f} s", flush=True)
+
+    def extract(self, config: dict, product: Path) -> None:
+        from train.codes import extract_codes
+
+        for stale in (product.with_name(product.name + ".partial"), product):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed extraction restarts: it is one pass
+        extract_codes(self.products["vq"], product, n=config["n"], sizes=tuple(config["sizes"]),
+                      seed=config.get("seed", 0), batch_size=config.get("batch_size", 64))
+
+    def export_bundle(self) -> Path:
+        """DIR/bundle from the text model, the last MARS stage, the VQ and (if trained) the super-resolution model."""
+        import torch
+
+        from mars.pipeline import MarsPipeline
+
+        pipe = MarsPipeline.from_parts(self.products["text"], self.products["stage2"], self.products["vq"],
+                                       superres=self.products.get("superres"))
+        bundle = pipe.save_pretrained(self.out / "bundle")
+        with torch.inference_mode():  # prove it loads and samples before calling it done
+            image = MarsPipeline.from_pretrained(bundle)("a red circle", generator=torch.Generator().manual_seed(0))
+        print(f"[pipeline] bundle written to {bundle} (sample image {image.images[0].size[0]} px)")
+        return bundle
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="shapes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (tests, CI)")
+    parser.add_argument("--out", type=Path, help="run directory (default runs/<preset>[-smoke])")
+    parser.add_argument("--vq", help="reuse this VQ tokenizer directory instead of training one")
+    parser.add_argument("--text-model", help="reuse this Qwen directory (with tokenizer files) instead of stage 0")
+    args = parser.parse_args(argv)
+    out = args.out or Path("runs") / (args.preset + ("-smoke" if args.smoke else ""))
+    runner = Runner(out, args.smoke, args.vq, args.text_model)
+    start = time.perf_counter()
+    for stage in PRESETS[args.preset]:
+        if stage.kind == "fit" and not (CONFIG_DIR / stage.config).is_file():
+            print(f"[pipeline] {stage.name}: skipped (no train/configs/{stage.config})")
+            continue
+        runner.run(stage)
+    bundle = runner.out / "bundle"
+    if runner.timings or not (bundle / "model_index.json").is_file():
+        bundle = runner.export_bundle()
+    else:
+        print(f"[pipeline] bundle: done ({bundle})")
+    stage_seconds = {path.parent.name: json.loads(path.read_text())["seconds"]
+                     for path in sorted(runner.out.glob("*/DONE.json"))}
+    summary = {"stage_seconds": stage_seconds, "ran_now": sorted(runner.timings),
+               "seconds": round(time.perf_counter() - start, 1), "bundle": str(bundle)}
+    (runner.out / "pipeline.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"[pipeline] all stages done; this invocation took {summary['seconds']} s")
+    return bundle
+
+
+if __name__ == "__main__":
+    main()

@@ -23,9 +23,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from mars.eval import (OneLineParser, POSITIVE_INT, add_sampling_arguments, check_prompts, load_image,
-                       load_pipeline, sampling_options, write_image_folder)
-from mars.shapes import flatten_on_white
+from mars.eval import (OneLineParser, add_sampling_arguments, check_prompts, load_image, load_pipeline,
+                       sampler_flag, sampling_options, write_image_folder)
 
 
 class StepBars:
@@ -66,7 +65,7 @@ def read_prompts(path: Path) -> list[str]:
 
 def sample(pipe, prompt: str, seed: int, args: argparse.Namespace, leave: bool = True) -> list[Image.Image]:
     """--num-images images of `prompt` from a generator seeded with `seed`, with step progress bars."""
-    import torch  # here: flag errors come back before torch loads
+    import torch  # here, not at the top: --help and most usage errors need no torch
 
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
     return pipe(prompt, num_images_per_prompt=args.num_images, generator=generator, callback=StepBars(leave),
@@ -77,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="sample.py", description="Sample images from a MARS bundle (or caption one)")
     parser.add_argument("prompt", nargs="?", help="what to draw, English or Chinese")
     parser.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG to write (default out.png)")
-    parser.add_argument("--num-images", type=POSITIVE_INT, default=1,
+    parser.add_argument("--num-images", type=sampler_flag(int, "num_images_per_prompt"), default=1,
                         help="images per prompt; more than one writes a grid to -o plus OUT-0.png ...")
     parser.add_argument("--prompts", type=Path, help="text file, one prompt a line (needs --outdir)")
     parser.add_argument("--outdir", type=Path, help="folder for --prompts: 000000.png ... and prompts.jsonl")
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"-o {args.output}: name an image file, e.g. out.png")
     try:
         prompts = read_prompts(args.prompts) if args.prompts else [args.prompt]
-        image = flatten_on_white(load_image(args.caption)) if args.caption else None  # transparency on white
+        image = load_image(args.caption) if args.caption else None  # caption() flattens transparency onto white
         pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
         if image is not None:
             print(pipe.caption(image))

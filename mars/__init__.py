@@ -1,5 +1,8 @@
 """MARS: a frozen Qwen + SemVIE visual experts for autoregressive text-to-image generation.
 
+    from mars import MarsPipeline
+    image = MarsPipeline.from_pretrained("checkpoints/mars-shapes")("a red circle").images[0]
+
 The public names below are imported on first use, so the light command-line tools
 (`python -m mars.shapes`, `python -m mars.eval`) start without loading torch and transformers.
 """
@@ -20,6 +23,7 @@ _EXPORTS = {
         "trainable_parameters",
         "trainable_state_dict",
     ],
+    "mars.pipeline": ["MarsPipeline", "MarsPipelineOutput"],
     "mars.sampling": ["caption_images", "generate", "generate_images", "generate_text", "sample_logits"],
     "mars.semvie": ["KVCache", "ModalityRouter", "SemVIELayer", "SemVIEModel"],
 }

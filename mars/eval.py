@@ -11,15 +11,15 @@ DIR holds the images and captions.jsonl (`file` or `image`, `caption`) or prompt
 `--out DIR` keeps the images and prompts.jsonl, so `--images DIR` rescores them.
 Library use: `evaluate([(prompt, pil_image), ...])` -> report dict; `format_table(report)`.
 
-The sampling options and their checks (`add_sampling_arguments`, `load_pipeline`, `check_prompts`)
-serve sample.py too. Tests: `pytest tests/test_eval.py tests/test_sample.py`.
+The sampling options (`add_sampling_arguments`, `load_pipeline`, `check_prompts`) serve sample.py
+too; their range and prompt checks are MarsPipeline's own (SAMPLER_LIMITS, encode_prompts).
+Tests: `pytest tests/test_eval.py tests/test_sample.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -122,21 +122,31 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _bounded(kind, accept, wanted: str):
-    """An argparse type: a finite `kind` (int or float) for which accept(value) holds, else a usage error."""
+def _bounded(kind, limit):
+    """An argparse type: a `kind` (int or float) that limit() = (accepts, wanted) accepts, else a usage error."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not (math.isfinite(value) and accept(value)):
+        accepts, wanted = limit()
+        if not accepts(value):
             raise argparse.ArgumentTypeError(f"{text} is out of range: use {wanted}")
         return value
     return parse
 
 
-NON_NEGATIVE = _bounded(float, lambda v: v >= 0, "a value >= 0")
-POSITIVE_INT = _bounded(int, lambda v: v >= 1, "an integer >= 1")
+def sampler_flag(kind, setting: str):
+    """The argparse type of a MarsPipeline sampler setting, checked by the pipeline's own SAMPLER_LIMITS
+    (imported only when such a flag is given, so `--images` runs never load torch)."""
+    def limit():
+        from mars.pipeline import SAMPLER_LIMITS
+
+        return SAMPLER_LIMITS[setting]
+    return _bounded(kind, limit)
+
+
+POSITIVE_INT = _bounded(int, lambda: (lambda v: v >= 1, "an integer >= 1"))
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: bool = False) -> None:
@@ -146,11 +156,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: bool = F
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="Qwen and experts dtype (default float32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--cfg", type=NON_NEGATIVE, default=3.0,
+    parser.add_argument("--cfg", type=sampler_flag(float, "guidance_scale"), default=3.0,
                         help="classifier-free guidance scale; 1 turns guidance off (default 3)")
-    parser.add_argument("--temperature", type=NON_NEGATIVE, default=1.0, help="0 is greedy (default 1)")
-    parser.add_argument("--top-k", type=POSITIVE_INT, default=None, help="keep the k likeliest codes (default all)")
-    parser.add_argument("--top-p", type=_bounded(float, lambda v: 0 < v <= 1, "a value in (0, 1]"), default=1.0,
+    parser.add_argument("--temperature", type=sampler_flag(float, "temperature"), default=1.0,
+                        help="0 is greedy (default 1)")
+    parser.add_argument("--top-k", type=sampler_flag(int, "top_k"), default=None,
+                        help="keep the k likeliest codes (default all)")
+    parser.add_argument("--top-p", type=sampler_flag(float, "top_p"), default=1.0,
                         help="nucleus sampling mass in (0, 1] (default 1)")
     parser.add_argument("--no-sr", action="store_true", help="skip super-resolution: base images only (128 px)")
     if batch_size:
@@ -202,31 +214,10 @@ def load_pipeline(checkpoint: Path | None, device: str | None = None, dtype: str
                                         dtype=getattr(torch, dtype) if dtype else None)
 
 
-def max_prompt_tokens(pipe, super_resolution: bool = True) -> int:
-    """Prompt tokens that fit the text model's context beside <boi> and the image codes of every stage run."""
-    image_tokens = 1 + pipe.model.config.num_image_tokens
-    if super_resolution and pipe.superres is not None:
-        image_tokens += pipe.superres.config.num_high_tokens
-    return pipe.model.text_config.max_position_embeddings - image_tokens
-
-
 def check_prompts(pipe, prompts: list[str], super_resolution: bool = True) -> None:
-    """ValueError (one line) for an empty prompt, one longer than the context, or tokens the model never saw."""
-    limit = max_prompt_tokens(pipe, super_resolution)
-    vocab_map = pipe.tokenizer.vocab_map
-    for number, prompt in enumerate(prompts, 1):
-        which = f" (prompt {number} of {len(prompts)})" if len(prompts) > 1 else ""
-        if not prompt.strip():
-            raise ValueError(f"empty prompt{which}: describe the image, e.g. 'a red circle above a blue square'")
-        try:
-            length = len(vocab_map.encode(prompt, strict=True) if vocab_map else pipe.tokenizer.encode(prompt))
-        except ValueError as error:  # VocabMap names the pieces it never saw
-            raise ValueError(f"{error}{which}") from None
-        if length > limit:
-            hint = f"; --no-sr allows {max_prompt_tokens(pipe, False)}" if super_resolution and pipe.superres else ""
-            raise ValueError(f"prompt{which} is {length} tokens long but this model's context of "
-                             f"{pipe.model.text_config.max_position_embeddings} leaves room for {limit}{hint}: "
-                             "shorten it")
+    """All prompts checked before any is sampled: MarsPipeline.encode_prompts, strict (tokens the model
+    never saw are an error here, not a silent unknown token). One-line ValueError."""
+    pipe.encode_prompts(prompts, super_resolution, strict=True)
 
 
 # ----------------------------------------------------------------------------- --generate

@@ -5,6 +5,7 @@
     image = pipe("a red circle to the left of a blue square", guidance_scale=3.0,
                  generator=torch.Generator().manual_seed(0)).images[0]
     pipe.caption(image)   # image-to-text with the same model
+    pipe.encode_prompts(["a red circle"], strict=True)  # the prompt checks alone (empty, too long, unseen tokens)
 
 A bundle directory (written by `save_pretrained`, and by `python -m train.pipeline`):
 
@@ -15,10 +16,11 @@ A bundle directory (written by `save_pretrained`, and by `python -m train.pipeli
                        vocab_map.json when the text model uses a trimmed vocabulary (mars.tokenizer.VocabMap)
     text_model/        the frozen Qwen, Hugging Face format (config.json + model*.safetensors)
     mars/              mars_config.json (text_model "../text_model") + mars_trainable.safetensors
-    vq/                config.json + model.safetensors (VQTokenizer.save_pretrained)
+    vq/                config.json + model.safetensors (VQTokenizer.save_pretrained, fp16; loads as fp32)
     superres/          optional: mars.superres.SuperResModel.save_pretrained (text_model "../text_model")
 
-Only wiring lives here: the models sample themselves (mars.sampling, mars.superres).
+Only wiring lives here, plus the input checks every client shares (`encode_prompts`,
+`check_sampler_settings`): the models sample themselves (mars.sampling, mars.superres).
 Tests: `pytest tests/test_pipeline.py`.
 """
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,7 @@ from torch import Tensor
 from mars.config import MarsConfig
 from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel
 from mars.sampling import caption_images, generate_images
+from mars.shapes import flatten_on_white
 from mars.tokenizer import VOCAB_MAP_FILE, VocabMap, save_tokenizer
 from vq import VQTokenizer, images_to_tensor, tensor_to_images
 
@@ -54,9 +59,11 @@ class PromptTokenizer:
     def __init__(self, tokenizer, vocab_map: VocabMap | None = None):
         self.tokenizer, self.vocab_map = tokenizer, vocab_map
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, strict: bool = False) -> list[int]:
+        """Text -> the model's ids. A trimmed vocabulary maps tokens it never kept to its unk row, or,
+        when `strict`, raises the VocabMap's one-line ValueError naming them (a full vocabulary has none)."""
         if self.vocab_map is not None:
-            return self.vocab_map.encode(text)
+            return self.vocab_map.encode(text, strict)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -110,6 +117,36 @@ def load_text_model(directory: Path, dtype: torch.dtype | None = None):
     except Exception as error:  # transformers/safetensors raise many types for truncated or garbled files
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(f"text model in {directory} is unreadable ({reason}): re-export the bundle") from None
+
+
+# ----------------------------------------------------------------------------- sampler settings
+
+def _finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+# Setting -> (accepts(value), what to use instead). The CLIs' flag types read the same table (mars.eval).
+SAMPLER_LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "guidance_scale": (lambda v: _finite(v) and v >= 0, "a value >= 0"),
+    "temperature": (lambda v: _finite(v) and v >= 0, "a value >= 0"),
+    "top_k": (lambda v: v is None or _count(v), "an integer >= 1"),
+    "top_p": (lambda v: _finite(v) and 0 < v <= 1, "a value in (0, 1]"),
+    "num_images_per_prompt": (_count, "an integer >= 1"),
+    "max_new_tokens": (_count, "an integer >= 1"),
+}
+
+
+def check_sampler_settings(**settings) -> None:
+    """One-line ValueError for the first setting outside its range, before any sampling work
+    (a NaN scale or top_p=0 would otherwise sample garbage or fail deep inside the sampler)."""
+    for name, value in settings.items():
+        accepts, wanted = SAMPLER_LIMITS[name]
+        if not accepts(value):
+            raise ValueError(f"{name}={value!r} is out of range: use {wanted}")
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -229,7 +266,7 @@ class MarsPipeline:
                 part.save_pretrained(staging / name, store_text_model=False)
             finally:
                 mars.config = own
-        self.vq.save_pretrained(staging / "vq")
+        self.vq.save_pretrained(staging / "vq", dtype=torch.float16)  # half the size; loads back as fp32
         index = {"format": FORMAT, "version": VERSION, "tokenizer": "tokenizer", "text_model": "text_model",
                  "mars": "mars", "vq": "vq", "superres": "superres" if self.superres is not None else None,
                  "image_size": self.image_size * (2 if self.superres is not None else 1)}
@@ -240,8 +277,42 @@ class MarsPipeline:
 
     # --- text to image ----------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: Sequence[str]) -> list[list[int]]:
-        return [self.tokenizer.encode(prompt) for prompt in prompts]
+    def max_prompt_length(self, super_resolution: bool = True) -> int:
+        """Most prompt tokens this model takes: every sequence must fit the text model's positions.
+
+        Base stage: [prompt][boi][codes][eoi], the text-to-image sequence it was trained on.
+        Super-resolution (when it runs): [prompt][boi][low codes][high codes] (mars.superres).
+        """
+        base = self.model.text_config.max_position_embeddings - (2 + self.model.config.num_image_tokens)
+        if not super_resolution or self.superres is None:
+            return base
+        sr = self.superres.config
+        return min(base, self.superres.mars.text_config.max_position_embeddings
+                   - (1 + sr.num_low_tokens + sr.num_high_tokens))
+
+    def encode_prompts(self, prompts: Sequence[str], super_resolution: bool = True,
+                       strict: bool = False) -> list[list[int]]:
+        """Prompts -> token ids, with a one-line ValueError for an empty prompt, one longer than
+        max_prompt_length(super_resolution), or (when `strict`) one with tokens the model never saw;
+        lenient by default: unseen tokens read as the vocabulary's unknown token."""
+        limit, ids = self.max_prompt_length(super_resolution), []
+        for number, prompt in enumerate(prompts, 1):
+            which = f" {number} of {len(prompts)}" if len(prompts) > 1 else ""
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"empty prompt{which}: describe the image, e.g. 'a red circle above a blue square'")
+            try:
+                tokens = self.tokenizer.encode(prompt, strict)
+            except ValueError as error:  # VocabMap names the pieces it never saw
+                if not which:
+                    raise
+                raise ValueError(f"{error} (prompt{which})") from None
+            if len(tokens) > limit:
+                without = self.max_prompt_length(False)
+                hint = f" ({without} without super-resolution)" if without > limit else ""
+                raise ValueError(f"prompt{which} is {len(tokens)} tokens; this model takes at most {limit}{hint}: "
+                                 "shorten it")
+            ids.append(tokens)
+        return ids
 
     @torch.inference_mode()
     def __call__(self, prompt: str | Sequence[str], guidance_scale: float = 3.0, temperature: float = 1.0,
@@ -249,35 +320,45 @@ class MarsPipeline:
                  num_images_per_prompt: int = 1, super_resolution: bool = True,
                  callback: PipelineCallback | None = None) -> MarsPipelineOutput:
         """Prompt(s) -> images; `callback(phase, step, total, codes)` sees every sampling step."""
+        check_sampler_settings(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                               num_images_per_prompt=num_images_per_prompt)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or num_images_per_prompt < 1:
-            raise ValueError("give at least one prompt and num_images_per_prompt >= 1")
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if not prompts:
+            raise ValueError("no prompt given: pass a string or a list of strings")
+        run_superres = super_resolution and self.superres is not None
+        ids = [row for row in self.encode_prompts(prompts, run_superres) for _ in range(num_images_per_prompt)]
         sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                         generator=generator)
-        codes = generate_images(self.model, self.encode_prompts(prompts), **sampling,
-                                callback=_phase(callback, "base"))  # (B, h, w)
-        if super_resolution and self.superres is not None:
+        codes = generate_images(self.model, ids, **sampling, callback=_phase(callback, "base"))  # (B, h, w)
+        if run_superres:
             from mars.superres import upsample_codes
 
-            codes = upsample_codes(self.superres, self.encode_prompts(prompts), codes, **sampling,
+            codes = upsample_codes(self.superres, ids, codes, **sampling,
                                    callback=_phase(callback, "superres"))  # (B, 2h, 2w)
         return MarsPipelineOutput(images=tensor_to_images(self.vq.decode(codes)), codes=codes.cpu())
 
     # --- image to text ----------------------------------------------------------------------
 
+    def encode_images(self, images: Sequence[Image.Image]) -> Tensor:
+        """PIL images (any mode, any size) -> base-grid codes (B, h, w): transparency is flattened onto
+        white, the shapes world's background (a plain RGB conversion would show it as black), and each
+        image is resized to the base size."""
+        side = self.image_size
+        flat = [flatten_on_white(image) for image in images]
+        resized = [im if im.size == (side, side) else im.resize((side, side), Image.Resampling.BICUBIC) for im in flat]
+        return self.vq.encode(images_to_tensor(resized).to(self.vq.device)).to(self.device)  # (B, h, w)
+
     @torch.inference_mode()
     def caption(self, image: Image.Image | Sequence[Image.Image], max_new_tokens: int = 64, temperature: float = 0.0,
                 top_k: int | None = None, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> str | list[str]:
-        """Image(s) -> caption(s): the image is resized to the base size, encoded, and the model writes text."""
+        """Image(s) -> caption(s): the image is encoded (encode_images) and the model writes text."""
+        check_sampler_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         images = [image] if isinstance(image, Image.Image) else list(image)
-        side = self.image_size
-        resized = [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) if im.size != (side, side)
-                   else im.convert("RGB") for im in images]
-        codes = self.vq.encode(images_to_tensor(resized).to(self.vq.device)).to(self.device)  # (B, h, w)
-        token_ids = caption_images(self.model, codes, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, generator=generator,
+        if not images:
+            raise ValueError("no image given: pass a PIL image or a list of them")
+        token_ids = caption_images(self.model, self.encode_images(images), max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                                    eos_token_id=self.tokenizer.eos_id)
         captions = [self.tokenizer.decode(ids) for ids in token_ids]
         return captions[0] if isinstance(image, Image.Image) else captions

@@ -4,6 +4,7 @@
 
 One module fixture runs `python -m train.pipeline --preset shapes --smoke` (every stage, real
 Lightning runs, about a minute on 2 cores); the tests then load, sample, re-save, break and rerun it.
+The input checks (prompts, sampler settings, images) run on conftest's tiny random bundle.
 """
 
 from __future__ import annotations
@@ -15,13 +16,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mars.pipeline import MarsPipeline, PromptTokenizer
+import mars
+from mars.model import build_batch
+from mars.pipeline import SAMPLER_LIMITS, MarsPipeline, MarsPipelineOutput, PromptTokenizer
+from mars.shapes import render, scene_for_prompt
 from mars.tokenizer import load_qwen_tokenizer
+from vq import VQTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FIT_STAGES = ("text", "vq", "stage1", "stage2")
@@ -161,3 +167,109 @@ def test_prompt_tokenizer_round_trips_with_and_without_a_vocab_map(smoke_run, tm
     assert trimmed.vocab_map.to_full(ids) == full.encode(text)  # the same Qwen tokens, renumbered
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         PromptTokenizer.from_pretrained(tmp_path)
+
+
+def test_strict_encoding_names_the_unseen_tokens(tiny_pipe):
+    tokenizer = tiny_pipe.tokenizer
+    lenient = tokenizer.encode("a red hexagon")
+    assert tokenizer.vocab_map.unk_id in lenient  # the default: an unknown token, no error
+    assert tokenizer.encode("a red circle", strict=True) == tokenizer.encode("a red circle")
+    with pytest.raises(ValueError, match="never saw: ' hexagon'; rephrase"):
+        tokenizer.encode("a red hexagon", strict=True)
+
+
+# --- input checks (tiny random bundle) ---------------------------------------------------------
+
+def repeated(clauses: int) -> str:
+    return " and ".join(["a red circle"] * clauses)  # 4 tokens a clause, less one
+
+
+def test_max_prompt_length_fills_each_stage_sequence_exactly(tiny_pipe):
+    context = tiny_pipe.model.text_config.max_position_embeddings
+    limit, base_limit = tiny_pipe.max_prompt_length(), tiny_pipe.max_prompt_length(super_resolution=False)
+    assert (context, limit, base_limit) == (512, 512 - (1 + 64 + 256), 512 - (1 + 64 + 1))
+    codes = torch.zeros(1, 8, 8, dtype=torch.long)
+    t2i = build_batch(tiny_pipe.model, [[5] * base_limit], codes)["input_ids"]  # [prompt][boi][codes][eoi]
+    assert t2i.shape == (1, context)
+    with torch.no_grad():  # [prompt][boi][low codes], then the high-resolution slots
+        prefix, _, _ = tiny_pipe.superres.embed_prefix(torch.full((1, limit), 5), codes)
+    assert prefix.shape[1] + tiny_pipe.superres.config.num_high_tokens == context
+
+
+def test_encode_prompts_rejects_empty_too_long_and_strictly_unseen_prompts(tiny_pipe):
+    at_limit = repeated(48)
+    assert len(tiny_pipe.encode_prompts([at_limit, "两个蓝色的正方形"])[0]) == 191  # the limit itself passes
+    over = at_limit + " and"
+    cases = [
+        (dict(prompts=[""]), "empty prompt: describe the image"),
+        (dict(prompts=["a red circle", "  "]), "empty prompt 2 of 2: describe the image"),
+        (dict(prompts=[over]), "prompt is 192 tokens; this model takes at most 191 (446 without super-resolution): "
+                               "shorten it"),
+        (dict(prompts=["a circle", repeated(112)], super_resolution=False),
+         "prompt 2 of 2 is 447 tokens; this model takes at most 446: shorten it"),
+        (dict(prompts=["a red circle", "一个红色的六边形"], strict=True),
+         "prompt contains tokens the model never saw"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as caught:
+            tiny_pipe.encode_prompts(**kwargs)
+        assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert str(caught.value).endswith("training captions (prompt 2 of 2)")
+    assert len(tiny_pipe.encode_prompts([over], super_resolution=False)[0]) == 192
+    assert len(tiny_pipe.encode_prompts(["一个红色的六边形"])[0]) >= 1  # lenient by default
+
+
+@pytest.mark.parametrize("settings", [
+    dict(guidance_scale=float("nan")), dict(guidance_scale=-1.0), dict(guidance_scale=float("inf")),
+    dict(temperature=-0.5), dict(temperature=float("nan")), dict(top_k=0), dict(top_k=2.5), dict(top_p=0.0),
+    dict(top_p=1.5), dict(num_images_per_prompt=0),
+])
+def test_bad_sampler_settings_fail_before_sampling(tiny_pipe, settings):
+    steps = []
+    with pytest.raises(ValueError, match="is out of range: use ") as caught:
+        tiny_pipe("a red circle", callback=lambda *step: steps.append(step), **settings)
+    assert steps == [] and "\n" not in str(caught.value)
+    name, value = next(iter(settings.items()))
+    assert str(caught.value).startswith(f"{name}={value!r} is out of range: use {SAMPLER_LIMITS[name][1]}")
+
+
+def test_edge_sampler_settings_sample_and_caption_checks_its_own(tiny_pipe):
+    out = tiny_pipe("a red circle", guidance_scale=0.0, temperature=0.0, top_k=1, top_p=1.0, super_resolution=False)
+    assert out.codes.shape == (1, 8, 8)
+    image = out.images[0]
+    for settings in (dict(max_new_tokens=0), dict(top_p=0.0), dict(top_k=0), dict(temperature=-1.0)):
+        with pytest.raises(ValueError, match="is out of range"):
+            tiny_pipe.caption(image, **settings)
+    with pytest.raises(ValueError, match="no prompt given"):
+        tiny_pipe([])
+
+
+def test_images_are_flattened_onto_white_before_encoding(tiny_pipe):
+    opaque = render(scene_for_prompt("a red circle and a blue square"), 128)
+    pixels = np.asarray(opaque)
+    background = (pixels == 255).all(-1)
+    assert 0 < background.mean() < 1
+    alpha = np.where(background, 0, 255).astype(np.uint8)
+    rgba = Image.fromarray(np.dstack([np.where(background[..., None], 0, pixels), alpha]).astype(np.uint8), "RGBA")
+    codes = tiny_pipe.encode_images([opaque, rgba, rgba.convert("RGB")])  # the last: transparent reads as black
+    assert torch.equal(codes[0], codes[1]) and not torch.equal(codes[0], codes[2])
+    assert tiny_pipe.caption(rgba) == tiny_pipe.caption(opaque)
+
+
+def test_save_pretrained_stores_the_vq_in_fp16_and_loads_it_as_fp32(tiny_pipe, tmp_path):
+    bundle = tiny_pipe.save_pretrained(tmp_path / "bundle")
+    stored = load_file(bundle / "vq" / "model.safetensors")
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}
+    fp32 = tiny_pipe.vq.save_pretrained(tmp_path / "vq32") / "model.safetensors"
+    assert (bundle / "vq" / "model.safetensors").stat().st_size < 0.6 * fp32.stat().st_size
+    loaded = VQTokenizer.from_pretrained(bundle / "vq")
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    codes = torch.randint(0, 256, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.decode(codes), tiny_pipe.vq.decode(codes))  # the shipped VQ is fp16-exact
+
+
+def test_mars_exports_the_pipeline_lazily():
+    assert mars.MarsPipeline is MarsPipeline and mars.MarsPipelineOutput is MarsPipelineOutput
+    assert {"MarsPipeline", "MarsPipelineOutput"} <= set(mars.__all__) & set(dir(mars))
+    light = "import sys, mars; assert 'torch' not in sys.modules and 'MarsPipeline' in mars.__all__"
+    assert subprocess.run([sys.executable, "-c", light], cwd=REPO, timeout=60).returncode == 0

@@ -23,7 +23,7 @@ from mars.pipeline import MarsPipeline
 from mars.shapes import CATEGORIES, render, scene_for_prompt
 
 REPO = Path(__file__).resolve().parents[1]
-LONG_PROMPT = " and ".join(["a red circle"] * 60)  # 239 tokens; the tiny bundle has room for 191 (447 without SR)
+LONG_PROMPT = " and ".join(["a red circle"] * 60)  # 239 tokens; the tiny bundle has room for 191 (446 without SR)
 
 
 @pytest.fixture
@@ -82,8 +82,7 @@ def test_bad_flags_exit_2_with_one_usage_line(capsys, argv, message):
 @pytest.mark.parametrize("argv, message", [
     ([""], "empty prompt: describe the image"),
     (["  "], "empty prompt"),
-    ([LONG_PROMPT], "prompt is 239 tokens long but this model's context of 512 leaves room for 191; "
-                    "--no-sr allows 447: shorten it"),
+    ([LONG_PROMPT], "prompt is 239 tokens; this model takes at most 191 (446 without super-resolution): shorten it"),
     (["a red hexagon"], "prompt contains tokens the model never saw: ' hexagon'"),
     (["一个红色的六边形"], "prompt contains tokens the model never saw"),
     (["a circle", "--device", "tpu9"], "--device 'tpu9' is not a device: use cpu, cuda, cuda:N or mps"),
@@ -92,6 +91,15 @@ def test_bad_prompts_and_devices_exit_2_with_one_line(capsys, reuse_tiny_pipe, a
     code, out, err = run(capsys, *argv, "--checkpoint", reuse_tiny_pipe)
     assert code == 2 and out == ""
     assert only_line(err).startswith("error: " + message)
+
+
+def test_a_prompts_file_is_checked_whole_before_any_image(capsys, reuse_tiny_pipe, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red circle\na red hexagon\n", encoding="utf-8")
+    code, out, err = run(capsys, "--prompts", tmp_path / "prompts.txt", "--outdir", tmp_path / "out",
+                         "--checkpoint", reuse_tiny_pipe)
+    assert code == 2 and out == "" and not (tmp_path / "out").exists()
+    assert only_line(err) == ("error: prompt contains tokens the model never saw: ' hexagon'; "
+                              "rephrase with words from the training captions (prompt 2 of 2)")
 
 
 def test_a_long_prompt_fits_without_super_resolution(capsys, reuse_tiny_pipe, tmp_path):
@@ -200,6 +208,12 @@ def test_caption_prints_the_pipelines_caption(capsys, reuse_tiny_pipe, tiny_pipe
     assert code == 0, err
     caption = tiny_pipe.caption(image)
     assert isinstance(caption, str) and caption.strip() and out == caption + "\n"
+    # A PNG whose white background is transparent black reads as the same picture.
+    pixels = np.asarray(image)
+    background = (pixels == 255).all(-1, keepdims=True)
+    rgba = np.concatenate([np.where(background, 0, pixels), np.where(background, 0, 255)], -1).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
+    assert run(capsys, "--caption", tmp_path / "transparent.png", "--checkpoint", reuse_tiny_pipe)[1] == out
 
 
 # --- python -m mars.eval --generate -----------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 
 from train.__main__ import main as train_main
 from train.vq import MixedSizeBatches, MixedSizeShapes, VQLitModule, codebook_stats, warmup_cosine
@@ -194,8 +195,57 @@ def test_mixed_size_batches_alternate_and_are_seeded():
     assert all(isinstance(c, str) for b in batches for c in b["caption"])
     assert not torch.equal(batches[0]["image"], batches[2]["image"])
     assert torch.equal(list(MixedSizeBatches((32, 64), (4, 1), 4, 0))[2]["image"], batches[2]["image"])
-    data.set_epoch(1)
+    data.start_batch = 4  # the next epoch: new scenes
     assert not torch.equal(next(iter(data))["image"], batches[0]["image"])
+
+
+def test_mixed_size_batches_resume_with_the_uninterrupted_batches():
+    def epochs(data, first_batch, count):
+        """Batches first_batch..count-1, epoch by epoch (3 batches each), as VQLitModule's hooks set start_batch."""
+        out = []
+        for start in [first_batch] + list(range((first_batch // 3 + 1) * 3, count, 3)):
+            data.start_batch = start
+            out += list(DataLoader(data, batch_size=None, num_workers=2 if start == first_batch else 0))
+        return out
+
+    uninterrupted = epochs(MixedSizeBatches((32, 64), (2, 1), batches=3, seed=0), 0, 9)  # 3 epochs of 3
+    resumed = epochs(MixedSizeBatches((32, 64), (2, 1), batches=3, seed=0), 4, 9)  # killed after batch 3
+    assert len(uninterrupted) == 9 and len(resumed) == 5  # the rest of epoch 1, then epoch 2
+    for expected, got in zip(uninterrupted[4:], resumed, strict=True):
+        assert torch.equal(expected["image"], got["image"]) and expected["caption"] == got["caption"]
+    images = [b["image"] for b in uninterrupted]
+    assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 2::2])  # no repeats
+
+
+class BatchRecorder(L.Callback):
+    def __init__(self):
+        self.images = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.images[trainer.global_step] = batch["image"].clone()
+
+
+def fit_tiny_vq(checkpoints, max_steps, ckpt_path=None) -> dict[int, torch.Tensor]:
+    """A tiny VQ run (3 batches an epoch, a checkpoint every 2 steps) -> the images of each step."""
+    L.seed_everything(0)
+    module = VQLitModule(VQConfig.from_name("tiny"), VQLossConfig(), warmup_steps=1, val_verdicts=False)
+    data = MixedSizeShapes(sizes=(32, 64), batch_sizes=(2, 1), batches_per_epoch=3, val_batches=1)
+    recorder = BatchRecorder()
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, callbacks=[checkpoint, recorder],
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    assert trainer.global_step == max_steps
+    return recorder.images
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+def test_a_resumed_vq_fit_trains_on_the_uninterrupted_batches(tmp_path):
+    uninterrupted = fit_tiny_vq(tmp_path, max_steps=7)
+    mid_epoch = next(tmp_path.glob("*step=4.ckpt"))  # epoch 1 (batches 3-5) was one batch in
+    resumed = fit_tiny_vq(tmp_path / "again", max_steps=7, ckpt_path=mid_epoch)
+    assert sorted(uninterrupted) == list(range(7)) and sorted(resumed) == [4, 5, 6]  # 6 opens epoch 2
+    assert all(torch.equal(resumed[step], uninterrupted[step]) for step in resumed)
 
 
 def test_schedule_and_codebook_stats():

@@ -6,7 +6,8 @@
 only) and a PatchGAN discriminator after a warm-up step, under manual optimisation. Logs PSNR and
 SSIM per image size, scorer verdict agreement on the validation images, and codebook usage and
 perplexity every epoch; exports the tokenizer with save_pretrained at the end of fit.
-`MixedSizeShapes`: batches that alternate image sizes, each with the same number of pixels.
+`MixedSizeShapes`: batches that alternate image sizes, each with the same number of pixels; batch g
+of a run depends only on g, so a resumed run (python -m train's auto-resume) sees the same data.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from train.codes import resume_batch
 from train.data import ShapesWorldDataset, _distributed, collate_captions
 from vq.__main__ import verdicts_agree
 from vq.losses import LPIPS, PatchDiscriminator, VQLossConfig, adaptive_gan_weight, hinge_discriminator_loss, \
@@ -28,34 +30,42 @@ from vq.model import VQConfig, VQTokenizer
 
 
 class MixedSizeBatches(IterableDataset):
-    """Whole batches of shapes-world images; batch k has sizes[k % len(sizes)] and batch_sizes[...].
+    """Whole batches of shapes-world images; global batch g has sizes[g % len(sizes)] and batch_sizes[...].
 
-    Batch k of epoch e is a pure function of (seed, e, k, rank): runs repeat, epochs bring new
-    scenes (set_epoch), and DataLoader workers and DDP ranks share the work without overlap."""
+    Batch g is a pure function of (seed, g, rank): every batch of a run shows new scenes, and
+    DataLoader workers and DDP ranks share the work without overlap. An epoch is `batches`
+    consecutive global batches; iteration starts at `start_batch` (set from the restored global
+    step, see MixedSizeShapes) and ends with that batch's epoch, so a resumed run, even one killed
+    mid-epoch, sees exactly the batches an uninterrupted one would."""
+
+    start_batch = 0
 
     def __init__(self, sizes: tuple[int, ...], batch_sizes: tuple[int, ...], batches: int, seed: int):
         if len(sizes) != len(batch_sizes):
             raise ValueError(f"sizes {sizes} and batch_sizes {batch_sizes} need one entry each")
+        if batches < 1:
+            raise ValueError(f"batches={batches}: an epoch needs at least one batch")
         self.batch_sizes, self.batches = batch_sizes, batches
         self.sources = [ShapesWorldDataset(size, None, seed * 1000 + j, lang="both", captions="category")
                         for j, size in enumerate(sizes)]
 
-    def set_epoch(self, epoch: int) -> None:
-        for source in self.sources:
-            source.set_epoch(epoch)
-
     def __len__(self) -> int:
         return self.batches
+
+    def make_batch(self, g: int, rank: int = 0, world: int = 1) -> dict:
+        """Global batch g: rank `rank` of `world` builds its own rows of it."""
+        j = g % len(self.sources)
+        size = self.batch_sizes[j]
+        first = ((g // len(self.sources)) * world + rank) * size
+        return collate_captions([self.sources[j][i] for i in range(first, first + size)])
 
     def __iter__(self):
         rank, world = _distributed(None, None)
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for k in range(worker, self.batches, workers):  # workers are read round-robin: order is kept
-            j = k % len(self.sources)
-            size = self.batch_sizes[j]
-            first = ((k // len(self.sources)) * world + rank) * size
-            yield collate_captions([self.sources[j][i] for i in range(first, first + size)])
+        end = (self.start_batch // self.batches + 1) * self.batches  # the end of start_batch's epoch
+        for g in range(self.start_batch + worker, end, workers):  # workers are read round-robin: order is kept
+            yield self.make_batch(g, rank, world)
 
 
 class MixedSizeShapes(L.LightningDataModule):
@@ -73,10 +83,14 @@ class MixedSizeShapes(L.LightningDataModule):
 
     def _loader(self, dataset: MixedSizeBatches) -> DataLoader:
         workers = self.hparams.num_workers
+        # Workers are made afresh each epoch, so they read the start_batch set at the epoch's start.
         return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
                           prefetch_factor=4 if workers else None)
 
     def train_dataloader(self) -> DataLoader:
+        # Lightning iterates the first epoch's loader before on_train_epoch_start runs (VQLitModule
+        # moves start_batch on for later epochs): a resumed run starts where its checkpoint stopped.
+        self.train_set.start_batch = resume_batch(self.trainer)
         return self._loader(self.train_set)
 
     def val_dataloader(self) -> DataLoader:
@@ -131,8 +145,8 @@ class VQLitModule(L.LightningModule):
 
     def on_train_epoch_start(self):
         dataset = self.trainer.train_dataloader.dataset
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.current_epoch)  # fresh scenes every epoch (workers are made after this)
+        if isinstance(dataset, MixedSizeBatches):
+            dataset.start_batch = resume_batch(self.trainer)  # this epoch's batches (its loader is iterated next)
 
     def training_step(self, batch, batch_idx):
         cfg, images = self.loss_config, batch["image"]

@@ -219,13 +219,28 @@ class MarsModel(nn.Module):
         """(B, T) -> (B, T, D). `codes_before`: codes of this image already in the cache."""
         offset = self.image_token_offset
         x = router(input_ids, self.model.embed_tokens, lambda ids: self.image_embed(ids - offset))
-        if self.image_row_embed is None or router.image_index is None:
+        if self.image_row_embed is None or router.all_text:
             return x
         is_code = self.is_code(input_ids)  # <boi>/<eoi> take no grid cell
         cell = (is_code.cumsum(1) - 1 + codes_before).clamp(min=0)  # raster index of each code
+        return x + self.grid_embedding(cell) * is_code.unsqueeze(-1)
+
+    def embed_codes(self, codes: Tensor, first_cell: int) -> Tensor:
+        """Codes (B, T) at raster cells first_cell, first_cell + 1, ... -> (B, T, D): what `embed`
+        gives them, without the modality and <boi>/<eoi> bookkeeping (a decode step's input)."""
+        x = self.image_embed(codes)  # (B, T, D)
+        if self.image_row_embed is None:
+            return x
+        if codes.shape[1] == 1:
+            return x + self.grid_embedding(first_cell)
+        return x + self.grid_embedding(torch.arange(first_cell, first_cell + codes.shape[1], device=codes.device))
+
+    def grid_embedding(self, cell: Tensor | int) -> Tensor:
+        """Learned row + column embedding of raster cell(s): (..., D), or (D,) for an int."""
         width = self.config.image_grid[1]
-        position = self.image_row_embed(cell // width) + self.image_col_embed(cell % width)  # (B, T, D)
-        return x + position * is_code.unsqueeze(-1)
+        if isinstance(cell, int):  # one decode step: two row views, no index tensors
+            return self.image_row_embed.weight[cell // width] + self.image_col_embed.weight[cell % width]
+        return self.image_row_embed(cell // width) + self.image_col_embed(cell % width)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, cache: KVCache | None = None,

@@ -10,7 +10,7 @@ runs the conditional and unconditional (empty prompt) rows in one batch.
                             guidance_scale=3.0, generator=torch.Generator().manual_seed(0))  # (B, h, w)
     captions = caption_images(model, codes)  # token ids, stopped at eos
 
-Tests: `pytest tests/test_sampling.py`; speed: `python benchmarks/sampling.py`.
+Tests: `pytest tests/test_sampling.py`; speed: `python -m benchmarks.sampling`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mars.model import MarsModel, encode_texts, pad_sequences
-from mars.semvie import KVCache
+from mars.semvie import KVCache, ModalityRouter
 
 StepCallback = Callable[[int, int, Tensor], None]  # (step, total, codes so far (B, step + 1))
 
@@ -31,7 +31,8 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
     """logits (B, V) -> token (B,). temperature <= 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -54,25 +55,45 @@ def prefill(model: MarsModel, input_ids: Tensor, attention_mask: Tensor | None, 
     return head(hidden[:, -1])
 
 
-def decode_one_token(model: MarsModel, tokens: Tensor, position_ids: Tensor, attention_mask: Tensor | None,
-                     cache: KVCache, head: nn.Module, codes_before: int = 0) -> Tensor:
-    """tokens (B, 1) at position_ids (B, 1) -> next-token logits (B, V)."""
-    hidden = model.hidden_states(tokens, attention_mask, position_ids, cache, codes_before)
+def decode_one_token(model: MarsModel, tokens: Tensor, rope: tuple[Tensor, Tensor], attention_mask: Tensor | None,
+                     cache: KVCache, head: nn.Module, cell: int | None = None) -> Tensor:
+    """One token per row -> next-token logits (B, V).
+
+    tokens (B, 1): image codes at raster `cell`, or text token ids when `cell` is None. The
+    modality is known, so the step builds no modality mask; rope: cos, sin (B, 1, hd) of this
+    position; attention_mask: None or this step's slice of DecodePlan's additive mask.
+    """
+    if cell is None:
+        x, router = model.model.embed_tokens(tokens), ModalityRouter.uniform(tokens.shape, image=False)
+    else:
+        x, router = model.embed_codes(tokens, cell), ModalityRouter.uniform(tokens.shape, image=True)
+    hidden = model.model(x, router, attention_mask=attention_mask, cache=cache, rope=rope)
     return head(hidden[:, -1])
 
 
-def _left_padded(rows: list[list[int]], extra: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor]:
-    """-> prefix ids (R, T), key mask over prefix + `extra` new tokens (None when unpadded), next positions (R, 1)."""
-    input_ids, mask = pad_sequences(rows, pad_id=0, side="left")
-    next_position = mask.sum(1, keepdim=True)  # (R, 1): RoPE counts real tokens only
-    key_mask = None
-    if not bool(mask.all()):
-        key_mask = torch.cat([mask, mask.new_ones(len(rows), extra)], dim=1).to(device)  # (R, T + extra)
-    return input_ids.to(device), key_mask, next_position.to(device)
+class DecodePlan:
+    """What the decode steps of one sampling call share, computed once: the left-padded prefix,
+    RoPE cos/sin of every new position and the additive key-padding mask (None without padding,
+    so single-token steps take SDPA's mask-free path)."""
 
+    def __init__(self, model: MarsModel, rows: list[list[int]], num_new: int, device: torch.device):
+        input_ids, key_mask = pad_sequences(rows, pad_id=0, side="left")  # (R, T) twice
+        self.input_ids, self.prefix_length = input_ids.to(device), input_ids.shape[1]
+        next_position = key_mask.sum(1, keepdim=True).to(device)  # (R, 1): RoPE counts real tokens only
+        self.cos, self.sin = model.model.rotary(next_position + torch.arange(num_new, device=device))  # (R, N, hd)
+        self.prefill_mask = self.decode_mask = None
+        if not bool(key_mask.all()):
+            self.prefill_mask = key_mask.to(device)  # prefill builds causal & padding from it
+            blocked = torch.cat([~key_mask, key_mask.new_zeros(len(rows), num_new)], dim=1)  # (R, T + N) bool
+            # What SDPA would make of the bool mask at every layer of every step, made once.
+            additive = torch.zeros(blocked.shape, dtype=self.cos.dtype).masked_fill_(blocked, float("-inf"))
+            self.decode_mask = additive.to(device)[:, None, None, :]  # (R, 1, 1, T + N)
 
-def _keys(key_mask: Tensor | None, length: int) -> Tensor | None:
-    return None if key_mask is None else key_mask[:, :length]
+    def step(self, index: int) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+        """(rope, attention mask) of new token `index` (0 = the first after the prefix)."""
+        rope = (self.cos[:, index:index + 1], self.sin[:, index:index + 1])  # (R, 1, hd) twice
+        mask = None if self.decode_mask is None else self.decode_mask[..., :self.prefix_length + index + 1]
+        return rope, mask
 
 
 @torch.inference_mode()
@@ -93,11 +114,11 @@ def generate(model: MarsModel, prefixes: Sequence[Sequence[int]], *, uncond_pref
         raise ValueError(f"every prefix must end with <boi> (token id {model.boi_token_id}); "
                          "generate_images adds it to plain prompts")
     batch, num_codes = len(prefixes), model.config.num_image_tokens
+    copies = len(rows) // batch
     device = model.image_head.weight.device
-    input_ids, key_mask, next_position = _left_padded(rows, num_codes, device)
-    prefix_len = input_ids.shape[1]
-    cache = model.new_cache(len(rows), prefix_len + num_codes)
-    logits = prefill(model, input_ids, _keys(key_mask, prefix_len), cache, model.image_head)
+    plan = DecodePlan(model, rows, num_codes, device)
+    cache = model.new_cache(len(rows), plan.prefix_length + num_codes)
+    logits = prefill(model, plan.input_ids, plan.prefill_mask, cache, model.image_head)
     codes = torch.empty(batch, num_codes, dtype=torch.long, device=device)
     all_logits = []
     for step in range(num_codes):
@@ -111,9 +132,10 @@ def generate(model: MarsModel, prefixes: Sequence[Sequence[int]], *, uncond_pref
             callback(step, num_codes, codes[:, :step + 1])
         if step + 1 == num_codes:
             break
-        tokens = model.codes_to_tokens(codes[:, step:step + 1]).repeat(len(rows) // batch, 1)  # (R, 1)
-        logits = decode_one_token(model, tokens, next_position + step, _keys(key_mask, prefix_len + step + 1),
-                                  cache, model.image_head, codes_before=step)
+        step_codes = codes[:, step:step + 1]  # (B, 1); CFG rows take the same code
+        rope, mask = plan.step(step)
+        logits = decode_one_token(model, step_codes.repeat(copies, 1) if copies > 1 else step_codes, rope, mask,
+                                  cache, model.image_head, cell=step)
     return (codes, torch.stack(all_logits, dim=1)) if return_logits else codes
 
 
@@ -143,10 +165,9 @@ def generate_text(model: MarsModel, prefixes: Sequence[Sequence[int]], *, max_ne
     eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
     device = model.lm_head.weight.device
     rows = [list(p) for p in prefixes]
-    input_ids, key_mask, next_position = _left_padded(rows, max_new_tokens, device)
-    prefix_len = input_ids.shape[1]
-    cache = model.new_cache(len(rows), prefix_len + max_new_tokens)
-    logits = prefill(model, input_ids, _keys(key_mask, prefix_len), cache, model.lm_head)
+    plan = DecodePlan(model, rows, max_new_tokens, device)
+    cache = model.new_cache(len(rows), plan.prefix_length + max_new_tokens)
+    logits = prefill(model, plan.input_ids, plan.prefill_mask, cache, model.lm_head)
     tokens = torch.empty(len(rows), max_new_tokens, dtype=torch.long, device=device)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
     eos_tensor = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
@@ -155,8 +176,8 @@ def generate_text(model: MarsModel, prefixes: Sequence[Sequence[int]], *, max_ne
         finished |= torch.isin(tokens[:, step], eos_tensor)
         if bool(finished.all()) or step + 1 == max_new_tokens:
             break
-        logits = decode_one_token(model, tokens[:, step:step + 1], next_position + step,
-                                  _keys(key_mask, prefix_len + step + 1), cache, model.lm_head)
+        rope, mask = plan.step(step)
+        logits = decode_one_token(model, tokens[:, step:step + 1], rope, mask, cache, model.lm_head)
     captions = []
     for row in tokens[:, :step + 1].tolist():
         stops = [i for i, token in enumerate(row) if token in eos_ids]

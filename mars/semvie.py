@@ -8,7 +8,9 @@ modalities meet in one attention over the whole sequence with Qwen's RoPE, so im
 the prompt and later text reads the image.
 
     ModalityRouter   splits positions by modality once per forward; every layer reuses it
+                     (`uniform`: a decode step of known modality, nothing to split)
     KVCache          preallocated keys/values; writes of any number of tokens per step
+    rope_tables      Qwen's RoPE cos/sin in the form every layer applies, made once per forward
     SemVIELayer      shared norms -> routed q/k/v -> one attention -> routed o_proj and FFN
     SemVIEModel      the stack: rotary, default causal+padding mask or an explicit one, layers
 
@@ -24,7 +26,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 
 def mirror(module: nn.Module) -> nn.Module:
@@ -44,14 +45,24 @@ class ModalityRouter:
         self.shape = image_mask.shape
         flat = image_mask.reshape(-1)
         num_image = int(flat.sum())
-        self.text_index = None if num_image == flat.numel() else (~flat).nonzero().squeeze(1)
-        self.image_index = None if num_image == 0 else flat.nonzero().squeeze(1)
+        self.all_text, self.all_image = num_image == 0, num_image == flat.numel()
+        self.text_index = None if self.all_image else (~flat).nonzero().squeeze(1)
+        self.image_index = None if self.all_text else flat.nonzero().squeeze(1)
+
+    @classmethod
+    def uniform(cls, shape: tuple[int, int], image: bool) -> ModalityRouter:
+        """Every position of a (B, T) input is one modality, known to the caller (a decode step):
+        no mask to build, no host sync."""
+        router = cls.__new__(cls)
+        router.shape, router.all_text, router.all_image = torch.Size(shape), not image, image
+        router.text_index = router.image_index = None
+        return router
 
     def __call__(self, x: Tensor, text_fn: Callable, image_fn: Callable):
         """x (B, T, ...) -> fn(x) (B, T, ...), or a tuple of such when the fns return tuples."""
-        if self.image_index is None:
+        if self.all_text:
             return text_fn(x)
-        if self.text_index is None:
+        if self.all_image:
             return image_fn(x)
         flat = x.flatten(0, 1)  # (B*T, ...)
         from_text, from_image = text_fn(flat[self.text_index]), image_fn(flat[self.image_index])
@@ -79,6 +90,8 @@ class KVCache:
         shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Per-layer views made once: a decode step then writes and reads with two narrows each.
+        self.layer_keys, self.layer_values = self.keys.unbind(0), self.values.unbind(0)
         self.length = 0
 
     @property
@@ -87,12 +100,14 @@ class KVCache:
 
     def update(self, layer_idx: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """keys, values (B, Hkv, T, hd) -> all keys/values so far (B, Hkv, length + T, hd)."""
-        end = self.length + keys.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KVCache holds {self.max_length} tokens, {end} needed: create it with a larger max_length")
-        self.keys[layer_idx, :, :, self.length:end] = keys
-        self.values[layer_idx, :, :, self.length:end] = values
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+        start, num_new = self.length, keys.shape[2]
+        if start + num_new > self.max_length:
+            raise ValueError(f"KVCache holds {self.max_length} tokens, {start + num_new} needed: "
+                             "create it with a larger max_length")
+        layer_keys, layer_values = self.layer_keys[layer_idx], self.layer_values[layer_idx]
+        layer_keys.narrow(2, start, num_new).copy_(keys)
+        layer_values.narrow(2, start, num_new).copy_(values)
+        return layer_keys.narrow(2, 0, start + num_new), layer_values.narrow(2, 0, start + num_new)
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
@@ -110,6 +125,22 @@ def project_qkv(attn: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor
 def routed_norm(x: Tensor, router: ModalityRouter, shared: nn.Module, visual: nn.Module | None) -> Tensor:
     """The shared frozen norm everywhere, or (visual_norms) the visual one at image positions."""
     return shared(x) if visual is None else router(x, shared, visual)
+
+
+def rope_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Qwen's cos, sin (B, T, hd) -> (B, 1, T, hd) tables for `apply_rope`, made once per forward.
+
+    The sine's first half is negated, so that rotate_half(x) * sin == swap_halves(x) * table:
+    one negation per forward instead of one per layer and tensor; (-a) * b == a * (-b) exactly.
+    """
+    half = sin.shape[-1] // 2
+    return cos.unsqueeze(1), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """x (B, H, T, hd) rotated as Hugging Face's apply_rotary_pos_emb does, bit for bit."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
 
 class SemVIELayer(nn.Module):
@@ -135,7 +166,8 @@ class SemVIELayer(nn.Module):
         self.num_kv_heads = layer.self_attn.config.num_key_value_heads
 
     def forward(self, x: Tensor, router: ModalityRouter, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                is_causal: bool, cache: KVCache | None = None) -> Tensor:  # x (B, T, D)
+                is_causal: bool, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, D); rope: `rope_tables` (B, 1, T, hd) twice; mask, is_causal: for SDPA."""
         h = routed_norm(x, router, self.input_layernorm, self.visual_input_layernorm)
         x = x + self._attention(h, router, rope, mask, is_causal, cache)
         h = routed_norm(x, router, self.post_attention_layernorm, self.visual_post_attention_layernorm)
@@ -146,7 +178,7 @@ class SemVIELayer(nn.Module):
         B, T, _ = h.shape
         q, k, v = router(h, partial(project_qkv, self.self_attn), partial(project_qkv, self.visual_attn))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
-        q, k = apply_rotary_pos_emb(q, k, *rope)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
         dropout = self.self_attn.attention_dropout if self.training else 0.0
@@ -214,16 +246,25 @@ class SemVIEModel(nn.Module):
         return KVCache(len(self.layers), batch_size, self.config.num_key_value_heads, attn.head_dim, max_length,
                        dtype=weight.dtype, device=weight.device)
 
+    def rotary(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE cos, sin (B, T, hd) for position_ids (B or 1, T): a sampler computes every step's
+        once and passes slices as `rope` (each entry depends on its position only, so it is exact)."""
+        return self.rotary_emb(self.norm.weight, position_ids)  # the tensor only lends dtype and device
+
     def forward(self, inputs_embeds: Tensor, router: ModalityRouter, position_ids: Tensor | None = None,
-                attention_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+                attention_mask: Tensor | None = None, cache: KVCache | None = None,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """`rope`: precomputed cos, sin (B, T, hd) for these positions; position_ids are then unused."""
         x = inputs_embeds  # (B, T, D)
         num_new = x.shape[1]
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            position_ids = default_position_ids(padding, num_new, past, x.device)
+        if rope is None:
+            if position_ids is None:
+                padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+                position_ids = default_position_ids(padding, num_new, past, x.device)
+            rope = self.rotary(position_ids)  # cos, sin (B, T, hd)
+        rope = rope_tables(*rope)  # (B, 1, T, hd) twice, shared by every layer
         mask, is_causal = resolve_attention_mask(attention_mask, num_new, past, x.device)
-        rope = self.rotary_emb(x, position_ids)  # cos, sin (B, T, hd)
         for layer in self.layers:
             x = layer(x, router, rope, mask, is_causal, cache)
         if cache is not None:

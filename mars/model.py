@@ -61,6 +61,17 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {name: tensor for name, tensor in model.state_dict().items() if is_trainable(name)}
 
 
+def read_safetensors(path: Path, device: torch.device | str, saver: str) -> dict[str, Tensor]:
+    """A safetensors state dict, or a one-line error naming the file and the function that writes it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: save the model with {saver}")
+    try:
+        return load_file(path, device=str(device))
+    except Exception as error:  # safetensors raises several types for truncated/garbled files
+        message = str(error).replace("\n", " ")
+        raise ValueError(f"{path} is not a readable safetensors file ({message}); re-save the model") from None
+
+
 def parameter_report(model: nn.Module) -> dict[str, int]:
     """{total, frozen, trainable} parameter counts (tied weights counted once)."""
     trainable = sum(p.numel() for name, p in model.named_parameters() if is_trainable(name))
@@ -180,13 +191,7 @@ class MarsModel(nn.Module):
     def load_trainable(self, path: str | Path) -> None:
         """Load a trainable-only state dict strictly: every expert weight present, nothing else."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: save the model with MarsModel.save_pretrained")
-        try:
-            state = load_file(path, device=str(self.image_head.weight.device))
-        except Exception as error:  # safetensors raises several types for truncated/garbled files
-            message = str(error).replace("\n", " ")
-            raise ValueError(f"{path} is not a readable safetensors file ({message}); re-save the model") from None
+        state = read_safetensors(path, self.image_head.weight.device, "MarsModel.save_pretrained")
         expected = set(trainable_state_dict(self))
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:

@@ -49,13 +49,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from mars.config import MarsConfig
-from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel, apply_trainable_filter, encode_texts, is_trainable, \
-    pad_sequences
+from mars.model import (CONFIG_NAME, WEIGHTS_NAME, MarsModel, apply_trainable_filter, encode_texts, is_trainable,
+                        pad_sequences, read_safetensors)
 from mars.sampling import StepCallback, sample_logits
 from mars.semvie import ModalityRouter
 
@@ -225,13 +225,7 @@ class SuperResModel(nn.Module):
     def load_superres_trainable(self, path: str | Path) -> None:
         """Load superres_trainable.safetensors strictly (the MarsModel part loads with load_trainable)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: save the model with SuperResModel.save_pretrained")
-        try:
-            state = load_file(path, device=str(self.image_start_embed.device))
-        except Exception as error:  # safetensors raises several types for truncated/garbled files
-            message = str(error).replace("\n", " ")
-            raise ValueError(f"{path} is not a readable safetensors file ({message}); re-save the model") from None
+        state = read_safetensors(path, self.image_start_embed.device, "SuperResModel.save_pretrained")
         expected = {name for name in self.state_dict() if not name.startswith("mars.")}
         if set(state) != expected or any(state[n].shape != self.state_dict()[n].shape for n in expected):
             raise ValueError(f"{path} does not match group_size={self.config.group_size} and this MarsConfig: "

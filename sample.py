@@ -8,8 +8,8 @@
 
 The model is a bundle directory (--checkpoint, default checkpoints/mars-shapes) written by
 `python -m train.pipeline` or MarsPipeline.save_pretrained. With --prompts, line k (from 0) is
-sampled with seed --seed + k, recorded in prompts.jsonl: `python sample.py PROMPT --seed S`
-reproduces it. Bad input ends with a one-line error and exit code 2.
+sampled with seed --seed + k, recorded in prompts.jsonl: `python sample.py PROMPT --seed S` with the
+same sampling flags (--cfg, --temperature, --top-k, --top-p, --num-images, --no-sr) reproduces it. Bad input ends with a one-line error and exit code 2.
 Tests: `pytest tests/test_sample.py`.
 """
 

@@ -55,6 +55,8 @@ def read_listing(folder: str | Path) -> list[tuple[Path, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{listing}:{number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{listing}:{number}: each line must be a JSON object with 'file' and {prompt_key!r}")
         file, prompt = record.get("file", record.get("image")), record.get(prompt_key)
         if not isinstance(file, str) or not isinstance(prompt, str):
             raise ValueError(f"{listing}:{number}: needs string fields 'file' and {prompt_key!r}")
@@ -147,6 +149,7 @@ def sampler_flag(kind, setting: str):
 
 
 POSITIVE_INT = _bounded(int, lambda: (lambda v: v >= 1, "an integer >= 1"))
+NON_NEGATIVE_INT = _bounded(int, lambda: (lambda v: v >= 0, "an integer >= 0"))
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: bool = False) -> None:
@@ -155,7 +158,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: bool = F
                         help=f"MARS bundle directory (default {DEFAULT_CHECKPOINT.parent.name}/{DEFAULT_CHECKPOINT.name})")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="Qwen and experts dtype (default float32)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="random seed, >= 0 (default 0)")
     parser.add_argument("--cfg", type=sampler_flag(float, "guidance_scale"), default=3.0,
                         help="classifier-free guidance scale; 1 turns guidance off (default 3)")
     parser.add_argument("--temperature", type=sampler_flag(float, "temperature"), default=1.0,

@@ -205,6 +205,8 @@ class MarsPipeline:
                                     "MarsPipeline.save_pretrained or python -m train.pipeline (DIR/bundle)")
         try:
             index = json.loads(index_path.read_text())
+            if not isinstance(index, dict):
+                raise ValueError("not a JSON object")
             if index.get("format") != FORMAT:
                 raise ValueError(f"format is {index.get('format')!r}, expected {FORMAT!r}")
             parts = {name: directory / index[name] for name in ("tokenizer", "text_model", "mars", "vq")}

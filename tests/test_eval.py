@@ -92,3 +92,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     (tmp_path / "captions.jsonl").write_text('{"file": "ok.png"\n')
     code, err = _run_cli(capsys, tmp_path)
     assert code == 2 and "captions.jsonl:1" in err
+
+
+def test_a_listing_line_that_is_not_an_object_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "captions.jsonl").write_text('[1, 2]\n')
+    assert mars_eval.main(["--images", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "captions.jsonl:1" in err and "JSON object" in err and "\n" not in err

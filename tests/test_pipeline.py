@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 FIT_STAGES = ("text", "vq", "stage1", "stage2")
 
 
-def run_pipeline(out: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "train.pipeline", "--preset", "shapes", "--smoke", "--out", str(out)]
+def run_pipeline(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "train.pipeline", "--preset", "shapes", "--smoke", "--out", str(out), *extra]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
@@ -105,6 +105,13 @@ def test_rerun_skips_finished_stages_and_resumes_an_unfinished_one(smoke_run, pi
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
     reloaded = MarsPipeline.from_pretrained(smoke_run / "bundle")
     assert torch.equal(sample(reloaded).codes, sample(pipe).codes)
+
+
+def test_rerun_with_another_vq_refuses_to_reuse_stages_built_from_the_old_one(smoke_run):
+    result = run_pipeline(smoke_run, "--vq", str(REPO / "checkpoints" / "vq-shapes"))
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "stage codes" in message and "was built from vq=" in message and "--out" in message
 
 
 # --- MarsPipeline --------------------------------------------------------------------------------

@@ -119,9 +119,11 @@ class Runner:
             return
         product = root / "export"
         if done.is_file():
+            self.check_inputs(stage, json.loads(done.read_text()).get("inputs", {}))
             print(f"[pipeline] {stage.name}: done ({product})")
             self.products[stage.name] = product
             return
+        inputs = self.current_inputs()
         root.mkdir(parents=True, exist_ok=True)
         config = load_stage_config(stage, self.smoke)
         start = time.perf_counter()
@@ -141,9 +143,24 @@ class Runner:
                                  f"check {config_path} (model.init_args.export_dir)")
         seconds = time.perf_counter() - start
         self.timings[stage.name] = seconds
-        done.write_text(json.dumps({"product": str(product), "seconds": round(seconds, 1)}) + "\n")
+        done.write_text(json.dumps({"product": str(product), "seconds": round(seconds, 1), "inputs": inputs}) + "\n")
         self.products[stage.name] = product
         print(f"[pipeline] {stage.name}: finished in {seconds:.1f} s", flush=True)
+
+    def current_inputs(self) -> dict[str, str]:
+        """What a stage starting now is built from: every earlier stage's product."""
+        return {name: str(path) for name, path in self.products.items()}
+
+    def check_inputs(self, stage: Stage, recorded: dict[str, str]) -> None:
+        """A finished stage is reused only when it was built from the products this run uses. Stages run
+        in order, so every earlier stage's product is known here; a recorded name this run has not
+        reached (a --vq or --text-model given only to the first run) says nothing about this stage."""
+        for name, path in recorded.items():
+            now = self.products.get(name)
+            if now is not None and str(now) != path:
+                raise SystemExit(f"[pipeline] stage {stage.name} in {self.out} was built from {name}={path}, but this "
+                                 f"run uses {name}={now}: give another --out, or delete {self.out / stage.name} to "
+                                 "rebuild it")
 
     def extract(self, config: dict, product: Path) -> None:
         from train.codes import extract_codes

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per prompt; more than one writes a grid to -o plus OUT-0.png ...")
     parser.add_argument("--prompts", type=Path, help="text file, one prompt a line (needs --outdir)")
     parser.add_argument("--outdir", type=Path, help="folder for --prompts: 000000.png ... and prompts.jsonl")
-    parser.add_argument("--caption", type=Path, metavar="IMAGE", help="print a caption of IMAGE instead")
+    parser.add_argument("--caption", type=Path, metavar="IMAGE", help="print a caption of IMAGE instead (greedy: the sampler flags apply to images only)")
     add_sampling_arguments(parser)
     return parser
 

@@ -356,6 +356,10 @@ class MarsPipeline:
                 generator: torch.Generator | None = None) -> str | list[str]:
         """Image(s) -> caption(s): the image is encoded (encode_images) and the model writes text."""
         check_sampler_settings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        # [boi][codes][eoi][caption]: the image-to-text sequence must fit the text model's positions too.
+        room = self.model.text_config.max_position_embeddings - (2 + self.model.config.num_image_tokens)
+        if max_new_tokens > room:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: this model writes at most {room} caption tokens")
         images = [image] if isinstance(image, Image.Image) else list(image)
         if not images:
             raise ValueError("no image given: pass a PIL image or a list of them")

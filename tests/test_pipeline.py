@@ -280,3 +280,11 @@ def test_mars_exports_the_pipeline_lazily():
     assert {"MarsPipeline", "MarsPipelineOutput"} <= set(mars.__all__) & set(dir(mars))
     light = "import sys, mars; assert 'torch' not in sys.modules and 'MarsPipeline' in mars.__all__"
     assert subprocess.run([sys.executable, "-c", light], cwd=REPO, timeout=60).returncode == 0
+
+
+def test_caption_length_must_fit_the_text_model(tiny_pipe):
+    room = tiny_pipe.model.text_config.max_position_embeddings - 2 - tiny_pipe.model.config.num_image_tokens
+    image = Image.new("RGB", (128, 128), "white")
+    with pytest.raises(ValueError, match=f"at most {room} caption tokens"):
+        tiny_pipe.caption(image, max_new_tokens=room + 1)
+    assert isinstance(tiny_pipe.caption(image, max_new_tokens=2), str)

@@ -11,12 +11,48 @@ in tests, benchmarks and meta-device parameter counts). Presets live in `PRESETS
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 
+class JsonConfig:
+    """to_dict / save / load for a config dataclass stored as JSON beside a model's weights.
+
+    Only `init` fields are written (derived ones are recomputed), and loading names the file and
+    the function that writes it in a one-line error. Subclasses set `saved_by`.
+    """
+
+    saved_by = "save_pretrained"
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}: expected a subset of {sorted(known)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: point at a directory written by {cls.saved_by}")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+            message = str(error).replace("\n", " ")
+            raise ValueError(f"{path} is not a valid {cls.__name__} JSON ({message}); re-save the model") from None
+
+
 @dataclass
-class MarsConfig:
+class MarsConfig(JsonConfig):
+    saved_by = "MarsModel.save_pretrained"  # a class attribute, not a field (no annotation)
     codebook_size: int = 1024  # VQ codebook entries; the image head predicts one of these
     image_grid: tuple[int, int] = (8, 8)  # (h, w) codes per image
     visual_norms: bool = False  # True: the visual path gets its own trainable RMSNorms
@@ -46,31 +82,6 @@ class MarsConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown MarsConfig preset {name!r}: choose one of {sorted(PRESETS)}")
         return replace(PRESETS[name], **overrides)
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> MarsConfig:
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown MarsConfig fields {unknown}: expected a subset of {sorted(known)}")
-        return cls(**values)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False))
-
-    @classmethod
-    def load(cls, path: str | Path) -> MarsConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: point at a directory written by MarsModel.save_pretrained")
-        try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
-            message = str(error).replace("\n", " ")
-            raise ValueError(f"{path} is not a valid MarsConfig JSON ({message}); re-save the model") from None
 
 
 def _qwen(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, **extra) -> dict:

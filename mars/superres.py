@@ -41,8 +41,7 @@ accuracy per k: `python benchmarks/superres.py`.
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -53,7 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from mars.config import MarsConfig
+from mars.config import JsonConfig, MarsConfig
 from mars.model import (CONFIG_NAME, WEIGHTS_NAME, MarsModel, apply_trainable_filter, encode_texts, is_trainable,
                         pad_sequences, read_safetensors)
 from mars.sampling import StepCallback, sample_logits
@@ -65,7 +64,8 @@ SUPERRES_WEIGHTS_NAME = "superres_trainable.safetensors"
 
 
 @dataclass
-class SuperResConfig:
+class SuperResConfig(JsonConfig):
+    saved_by = "SuperResModel.save_pretrained"  # a class attribute, not a field (no annotation)
     low_grid: tuple[int, int] = (8, 8)  # (h, w) of the input grid; the base MarsConfig's image_grid
     group_size: int = 4  # k codes per decoding step: 1, 4 (a 2x2 block) or 4m (a row of m blocks)
 
@@ -94,23 +94,6 @@ class SuperResConfig:
         self.num_low_tokens = h * w
         self.num_high_tokens = self.high_grid[0] * self.high_grid[1]
         self.num_groups = self.num_high_tokens // k
-
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> SuperResConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: point at a directory written by SuperResModel.save_pretrained")
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
-            message = str(error).replace("\n", " ")
-            raise ValueError(f"{path} is not a valid SuperResConfig JSON ({message}); re-save the model") from None
 
 
 # --- grid layout ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from einops import rearrange
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from mars.errors import first_line
 from mars.shapes import flatten_on_white
 from vq import tensor_to_images
 
@@ -70,7 +71,7 @@ def read_image(data: bytes, name: str) -> Image.Image:
         raise ValueError(f"{name} is not a readable image (not an image format Pillow knows, or damaged): "
                          "upload a PNG, JPEG or WebP file.") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        reason = one_line(error)
+        reason = first_line(error)
         raise ValueError(f"{name} is not a readable image ({reason}): upload a PNG, JPEG or WebP file.") from None
 
 
@@ -78,11 +79,6 @@ def to_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- previews
@@ -188,7 +184,7 @@ class GenerationJob:
             try:
                 self.images, state = self._sample(), "done"
             except Exception as error:  # shown in the page as one line, never a traceback
-                self.error, state = f"Generation failed: {one_line(error)}", "failed"
+                self.error, state = f"Generation failed: {first_line(error)}", "failed"
             self.seconds = time.perf_counter() - start
             self.state = state  # last: the page files the result as soon as it sees this
 

@@ -29,7 +29,8 @@ if str(REPO) not in sys.path:  # `streamlit run app/main.py` puts app/ on sys.pa
     sys.path.insert(0, str(REPO))
 
 from app.generation import (MODEL_LOCK, GalleryItem, GenerationJob, GenerationRequest, check_prompt,  # noqa: E402
-                            one_line, read_image, sampling_threads, unknown_words)
+                            read_image, sampling_threads, unknown_words)
+from mars.errors import first_line  # noqa: E402
 
 CHECKPOINT_ENV = "MARS_CHECKPOINT"
 DEVICE_ENV = "MARS_DEVICE"  # e.g. cpu, cuda, cuda:1 (default: cuda when available)
@@ -224,7 +225,7 @@ def caption_tab(pipe) -> None:
             with st.spinner("Captioning…"):
                 st.session_state.caption = (upload.file_id, caption_image(pipe, image).strip())
         except Exception as error:  # one line in the page, never a traceback
-            st.error(f"Captioning failed: {one_line(error)}")
+            st.error(f"Captioning failed: {first_line(error)}")
     stored = st.session_state.caption
     if stored is not None and stored[0] == upload.file_id:
         st.success(stored[1] or "(the model wrote nothing)")
@@ -241,7 +242,7 @@ def page() -> None:
     try:
         pipe = load_pipeline(resolve_checkpoint(checkpoint))
     except Exception as error:  # missing or broken bundle: say which and what to do
-        st.error(f"Cannot load the model from {checkpoint!r}: {one_line(error).rstrip('.')}. "
+        st.error(f"Cannot load the model from {checkpoint!r}: {first_line(error).rstrip('.')}. "
                  f"Set the checkpoint directory in the sidebar (or ${CHECKPOINT_ENV}) to a bundle.")
         st.stop()
     with st.sidebar:
@@ -260,4 +261,4 @@ try:
     page()
 except Exception as error:  # the last guard: a one-line message in the page; the traceback goes to the log
     log.exception("MARS app error")
-    st.error(f"Something went wrong: {one_line(error)}. Reload the page; the server log has the details.")
+    st.error(f"Something went wrong: {first_line(error)}. Reload the page; the server log has the details.")

@@ -40,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 
 from mars.config import MarsConfig
+from mars.errors import first_line
 from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel
 from mars.sampling import caption_images, generate_images
 from mars.shapes import flatten_on_white
@@ -92,7 +93,7 @@ class PromptTokenizer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
         except Exception as error:  # tokenizers raises several types for a garbled file
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             raise ValueError(f"tokenizer files in {directory} are unreadable ({reason}): "
                              "rewrite them with python -m mars.tokenizer --out DIR") from None
         vocab_map = VocabMap.load(directory, tokenizer) if (directory / VOCAB_MAP_FILE).is_file() else None
@@ -115,7 +116,7 @@ def load_text_model(directory: Path, dtype: torch.dtype | None = None):
     try:
         return AutoModelForCausalLM.from_pretrained(directory, **({"dtype": dtype} if dtype is not None else {}))
     except Exception as error:  # transformers/safetensors raise many types for truncated or garbled files
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise ValueError(f"text model in {directory} is unreadable ({reason}): re-export the bundle") from None
 
 
@@ -213,7 +214,7 @@ class MarsPipeline:
             if index.get("superres"):
                 parts["superres"] = directory / index["superres"]
         except (ValueError, KeyError, TypeError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             raise ValueError(f"{index_path} is corrupt ({reason}): re-export the bundle") from None
         pipe = cls.from_parts(parts["text_model"], parts["mars"], parts["vq"], parts["tokenizer"],
                               parts.get("superres"), dtype=dtype)

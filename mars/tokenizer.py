@@ -35,6 +35,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
+from mars.errors import first_line
+
 # Qwen places its specials right after the 151,643 BPE ranks; these ids are fixed by the checkpoints.
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 EOS_TOKEN = "<|endoftext|>"
@@ -352,7 +354,7 @@ class VocabMap:
                 raise ValueError(f"format is {payload.get('format')!r}, expected {_VOCAB_MAP_FORMAT!r}")
             vocab_map = cls(tokenizer, payload["full_ids"], payload["specials"])
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             raise ValueError(f"vocab map {path} is corrupt ({reason}): rebuild it with VocabMap.from_texts(...).save(dir)") from None
         size = _tokenizer_size(tokenizer)
         if size is not None and vocab_map.max_full_id >= size:

@@ -53,6 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from mars.errors import first_line
 from mars.shapes import CATEGORIES, LANGS, describe_scene, format_prompt, random_scene, render, sample_example
 from train.data import ImageCaptionFolder, WebDatasetShards, _distributed, image_to_tensor
 
@@ -203,7 +204,7 @@ class CodeSet:
             records = [json.loads(line) for line in lines if line.strip()]
             codes = {int(s): tensors[f"codes_{s}"] for s in meta["sizes"]}
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            reason = first_line(error)
             raise ValueError(f"codes directory {directory} is incomplete or corrupt ({reason}): "
                              "delete it and extract again with python -m train.codes") from None
         counts = {len(records), meta["num_items"], *(len(c) for c in codes.values())}

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.generation import one_line
+from mars.errors import first_line
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -107,7 +107,7 @@ def test_browser_generates_an_image(app_server, tmp_path):
             natural = page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", image.element_handle())
         except PlaywrightError as error:
             page.screenshot(path=str(screenshot), full_page=True)
-            pytest.fail(f"{one_line(error)}\nscreenshot: {screenshot}\nserver log:\n{server_log.read_text()[-3000:]}")
+            pytest.fail(f"{first_line(error)}\nscreenshot: {screenshot}\nserver log:\n{server_log.read_text()[-3000:]}")
         finally:
             browser.close()
     print(f"\nscreenshot: {screenshot}")

@@ -114,7 +114,7 @@ class GenerationRequest:
     prompt: str
     guidance_scale: float = 3.0
     temperature: float = 1.0
-    top_k: int | None = None
+    top_k: int = 0  # 0: off
     top_p: float = 1.0
     seed: int = 0
     num_images: int = 1

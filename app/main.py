@@ -107,14 +107,16 @@ def collect_finished_job() -> None:
 def sampler_controls(pipe) -> GenerationRequest:
     """Sidebar widgets -> the request to sample (prompt filled in later)."""
     st.header("Sampler")
-    st.slider("Guidance scale (CFG)", 1.0, 10.0, 3.0, 0.5, key="guidance_scale",
+    tuned = pipe.sampling  # the bundle's settings start the controls
+    st.slider("Guidance scale (CFG)", 1.0, 10.0, float(tuned["guidance_scale"]), 0.5, key="guidance_scale",
               help="1 = no classifier-free guidance; higher follows the prompt more closely")
-    st.slider("Temperature", 0.0, 2.0, 1.0, 0.05, key="temperature", help="0 = always the most likely code")
+    st.slider("Temperature", 0.0, 2.0, float(tuned["temperature"]), 0.05, key="temperature",
+              help="0 = always the most likely code")
     codebook = pipe.model.config.codebook_size
     if st.session_state.get("top_k", 0) > codebook:  # kept from a checkpoint with a larger codebook
         st.session_state.top_k = codebook
-    st.number_input("Top-k (0 = off)", 0, codebook, 0, key="top_k")
-    st.slider("Top-p", 0.05, 1.0, 1.0, 0.05, key="top_p")
+    st.number_input("Top-k (0 = off)", 0, codebook, min(tuned["top_k"] or 0, codebook), key="top_k")
+    st.slider("Top-p", 0.05, 1.0, float(tuned["top_p"]), 0.05, key="top_p")
     seed_box, dice = st.columns(2, vertical_alignment="bottom")
     seed_box.number_input("Seed", 0, 2**31 - 1, step=1, key="seed")
     dice.button("Random", icon=":material/casino:", on_click=random_seed, key="random_seed", width="stretch")
@@ -125,7 +127,7 @@ def sampler_controls(pipe) -> GenerationRequest:
               help=None if has_superres else "this checkpoint has no super-resolution model")
     state = st.session_state
     return GenerationRequest(prompt="", guidance_scale=float(state.guidance_scale),
-                             temperature=float(state.temperature), top_k=int(state.top_k) or None,
+                             temperature=float(state.temperature), top_k=int(state.top_k),
                              top_p=float(state.top_p), seed=int(state.seed), num_images=int(state.num_images),
                              super_resolution=has_superres and bool(state.super_resolution))
 

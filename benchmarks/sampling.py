@@ -7,6 +7,10 @@ figure is the best of `--repeats` runs, so a machine shared with other jobs dist
 
     python -m benchmarks.sampling                # all cores torch sees
     OMP_NUM_THREADS=2 python -m benchmarks.sampling --threads 2
+
+With --checkpoint DIR (a MarsPipeline bundle, e.g. the shipped checkpoints/mars-shapes) it times
+what a user waits for instead: one image end to end (prompt -> PNG-ready image, CFG on, the
+bundle's sampler settings), at the full size (base + super-resolution) and with --no-sr.
 """
 
 from __future__ import annotations
@@ -42,17 +46,39 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
+def time_pipeline(checkpoint: str, repeats: int) -> None:
+    """Seconds per image of a MarsPipeline bundle, with and without super-resolution."""
+    from mars.pipeline import MarsPipeline
+
+    pipe = MarsPipeline.from_pretrained(checkpoint)
+    prompt = "a red circle to the left of a blue square"
+    print(f"bundle: {checkpoint}, prompt {prompt!r}, torch threads {torch.get_num_threads()}")
+    for super_resolution in (True, False) if pipe.superres is not None else (False,):
+        def one_image():
+            return pipe(prompt, generator=torch.Generator().manual_seed(0), super_resolution=super_resolution)
+
+        one_image()  # warm-up
+        seconds, output = timed(one_image, repeats)
+        side = output.images[0].size[0]
+        label = "base + super-resolution" if super_resolution else "base only (--no-sr)"
+        print(f"{side} px, {label}: {seconds:.2f} s per image (CFG on)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="bench-256", help="a MarsConfig preset with a 16x16 grid")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is reported")
+    parser.add_argument("--checkpoint", help="time this MarsPipeline bundle end to end instead")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: give 1 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        time_pipeline(args.checkpoint, args.repeats)
+        return
     torch.manual_seed(0)
     model = MarsModel.from_config(MarsConfig.from_name(args.config)).eval()
     prompt = torch.randint(0, model.image_token_offset, (args.prompt_len,)).tolist()

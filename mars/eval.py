@@ -159,14 +159,15 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: bool = F
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="Qwen and experts dtype (default float32)")
     parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="random seed, >= 0 (default 0)")
-    parser.add_argument("--cfg", type=sampler_flag(float, "guidance_scale"), default=3.0,
-                        help="classifier-free guidance scale; 1 turns guidance off (default 3)")
-    parser.add_argument("--temperature", type=sampler_flag(float, "temperature"), default=1.0,
-                        help="0 is greedy (default 1)")
+    # None: the bundle's setting (model_index.json "sampling", the values the model was tuned with).
+    parser.add_argument("--cfg", type=sampler_flag(float, "guidance_scale"), default=None,
+                        help="classifier-free guidance scale; 1 turns guidance off (default: the model's)")
+    parser.add_argument("--temperature", type=sampler_flag(float, "temperature"), default=None,
+                        help="0 is greedy (default: the model's)")
     parser.add_argument("--top-k", type=sampler_flag(int, "top_k"), default=None,
-                        help="keep the k likeliest codes (default all)")
-    parser.add_argument("--top-p", type=sampler_flag(float, "top_p"), default=1.0,
-                        help="nucleus sampling mass in (0, 1] (default 1)")
+                        help="keep the k likeliest codes; 0 keeps all (default: the model's)")
+    parser.add_argument("--top-p", type=sampler_flag(float, "top_p"), default=None,
+                        help="nucleus sampling mass in (0, 1] (default: the model's)")
     parser.add_argument("--no-sr", action="store_true", help="skip super-resolution: base images only (128 px)")
     if batch_size:
         parser.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="prompts per sampling call")

@@ -11,7 +11,8 @@ A bundle directory (written by `save_pretrained`, and by `python -m train.pipeli
 
     model_index.json   {"format": "mars-pipeline", "version": 1, "tokenizer": "tokenizer",
                         "text_model": "text_model", "mars": "mars", "vq": "vq",
-                        "superres": "superres" | null, "image_size": 128 | 256}
+                        "superres": "superres" | null, "image_size": 128 | 256,
+                        "sampling": {"guidance_scale": 3.0, "temperature": 1.0, "top_k": null, "top_p": 1.0}}
     tokenizer/         tokenizer.json + tokenizer_config.json (the Qwen tokenizer), and
                        vocab_map.json when the text model uses a trimmed vocabulary (mars.tokenizer.VocabMap)
     text_model/        the frozen Qwen, Hugging Face format (config.json + model*.safetensors)
@@ -19,7 +20,8 @@ A bundle directory (written by `save_pretrained`, and by `python -m train.pipeli
     vq/                config.json + model.safetensors (VQTokenizer.save_pretrained, fp16; loads as fp32)
     superres/          optional: mars.superres.SuperResModel.save_pretrained (text_model "../text_model")
 
-Only wiring lives here, plus the input checks every client shares (`encode_prompts`,
+"sampling" holds the sampler settings the model was tuned with; a call (or a CLI flag) that
+leaves a setting out gets the bundle's value. Only wiring lives here, plus the input checks every client shares (`encode_prompts`,
 `check_sampler_settings`): the models sample themselves (mars.sampling, mars.superres).
 Tests: `pytest tests/test_pipeline.py`.
 """
@@ -134,11 +136,15 @@ def _count(value) -> bool:
 SAMPLER_LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
     "guidance_scale": (lambda v: _finite(v) and v >= 0, "a value >= 0"),
     "temperature": (lambda v: _finite(v) and v >= 0, "a value >= 0"),
-    "top_k": (lambda v: v is None or _count(v), "an integer >= 1"),
+    "top_k": (lambda v: v is None or v == 0 or _count(v), "an integer >= 1, or 0 for off"),
     "top_p": (lambda v: _finite(v) and 0 < v <= 1, "a value in (0, 1]"),
     "num_images_per_prompt": (_count, "an integer >= 1"),
     "max_new_tokens": (_count, "an integer >= 1"),
 }
+
+
+# What a call leaves out when its bundle names nothing else.
+DEFAULT_SAMPLING = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": None, "top_p": 1.0}
 
 
 def check_sampler_settings(**settings) -> None:
@@ -169,8 +175,14 @@ def _phase(callback: PipelineCallback | None, name: str):
 class MarsPipeline:
     """Text-to-image (and image-to-text) with a trained MARS model; see the module docstring."""
 
-    def __init__(self, model: MarsModel, vq: VQTokenizer, tokenizer: PromptTokenizer, superres=None):
+    def __init__(self, model: MarsModel, vq: VQTokenizer, tokenizer: PromptTokenizer, superres=None,
+                 sampling: dict | None = None):
         self.model, self.vq, self.tokenizer, self.superres = model.eval(), vq.eval(), tokenizer, superres
+        unknown = sorted(set(sampling or {}) - set(DEFAULT_SAMPLING))
+        if unknown:
+            raise ValueError(f"unknown sampler settings {unknown}: use {sorted(DEFAULT_SAMPLING)}")
+        self.sampling = DEFAULT_SAMPLING | (sampling or {})  # the defaults of __call__
+        check_sampler_settings(**self.sampling)
         if superres is not None:
             superres.eval()
         if vq.codebook_size != model.config.codebook_size:
@@ -213,16 +225,24 @@ class MarsPipeline:
             parts = {name: directory / index[name] for name in ("tokenizer", "text_model", "mars", "vq")}
             if index.get("superres"):
                 parts["superres"] = directory / index["superres"]
+            sampling = index.get("sampling") or {}
+            if not isinstance(sampling, dict):
+                raise ValueError("sampling is not a JSON object")
         except (ValueError, KeyError, TypeError) as error:
             reason = first_line(error)
             raise ValueError(f"{index_path} is corrupt ({reason}): re-export the bundle") from None
         pipe = cls.from_parts(parts["text_model"], parts["mars"], parts["vq"], parts["tokenizer"],
                               parts.get("superres"), dtype=dtype)
+        try:
+            pipe = cls(pipe.model, pipe.vq, pipe.tokenizer, pipe.superres, sampling)
+        except ValueError as error:
+            raise ValueError(f"{index_path}: {error}") from None
         return pipe.to(device) if device is not None else pipe
 
     @classmethod
     def from_parts(cls, text_model: str | Path, mars: str | Path, vq: str | Path, tokenizer: str | Path | None = None,
-                   superres: str | Path | None = None, dtype: torch.dtype | None = None) -> MarsPipeline:
+                   superres: str | Path | None = None, dtype: torch.dtype | None = None,
+                   sampling: dict | None = None) -> MarsPipeline:
         """Assemble a pipeline from separate directories, e.g. the training stages' exports: a Qwen
         directory, a MarsModel directory, a VQ directory, the tokenizer (default: the Qwen directory)
         and optionally a SuperResModel directory. One frozen Qwen is loaded and shared."""
@@ -243,7 +263,7 @@ class MarsPipeline:
             from mars.superres import SuperResModel
 
             sr_model = SuperResModel.from_pretrained(parts["superres"], qwen=qwen)  # the same frozen Qwen
-        return cls(model, VQTokenizer.from_pretrained(parts["vq"]), prompt_tokenizer, sr_model)
+        return cls(model, VQTokenizer.from_pretrained(parts["vq"]), prompt_tokenizer, sr_model, sampling)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a self-contained bundle: the Qwen directory is copied once and referenced by both models."""
@@ -272,7 +292,7 @@ class MarsPipeline:
         self.vq.save_pretrained(staging / "vq", dtype=torch.float16)  # half the size; loads back as fp32
         index = {"format": FORMAT, "version": VERSION, "tokenizer": "tokenizer", "text_model": "text_model",
                  "mars": "mars", "vq": "vq", "superres": "superres" if self.superres is not None else None,
-                 "image_size": self.image_size * (2 if self.superres is not None else 1)}
+                 "image_size": self.image_size * (2 if self.superres is not None else 1), "sampling": self.sampling}
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         shutil.rmtree(directory, ignore_errors=True)  # replaced whole: never half old, half new
         staging.rename(directory)
@@ -318,13 +338,19 @@ class MarsPipeline:
         return ids
 
     @torch.inference_mode()
-    def __call__(self, prompt: str | Sequence[str], guidance_scale: float = 3.0, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 num_images_per_prompt: int = 1, super_resolution: bool = True,
-                 callback: PipelineCallback | None = None) -> MarsPipelineOutput:
-        """Prompt(s) -> images; `callback(phase, step, total, codes)` sees every sampling step."""
-        check_sampler_settings(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                               num_images_per_prompt=num_images_per_prompt)
+    def __call__(self, prompt: str | Sequence[str], guidance_scale: float | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
+                 super_resolution: bool = True, callback: PipelineCallback | None = None) -> MarsPipelineOutput:
+        """Prompt(s) -> images; `callback(phase, step, total, codes)` sees every sampling step.
+
+        A sampler setting left at None takes the bundle's (`self.sampling`); top_k=0 turns top-k off
+        where the bundle sets one."""
+        given = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        settings = self.sampling | {name: value for name, value in given.items() if value is not None}
+        check_sampler_settings(**settings, num_images_per_prompt=num_images_per_prompt)
+        guidance_scale, temperature, top_k, top_p = (settings[name] for name in given)
+        top_k = top_k or None  # 0: off
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given: pass a string or a list of strings")
@@ -365,7 +391,7 @@ class MarsPipeline:
         if not images:
             raise ValueError("no image given: pass a PIL image or a list of them")
         token_ids = caption_images(self.model, self.encode_images(images), max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                   temperature=temperature, top_k=top_k or None, top_p=top_p, generator=generator,
                                    eos_token_id=self.tokenizer.eos_id)
         captions = [self.tokenizer.decode(ids) for ids in token_ids]
         return captions[0] if isinstance(image, Image.Image) else captions

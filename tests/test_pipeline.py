@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import mars
 from mars.model import build_batch
-from mars.pipeline import SAMPLER_LIMITS, MarsPipeline, MarsPipelineOutput, PromptTokenizer
+from mars.pipeline import DEFAULT_SAMPLING, SAMPLER_LIMITS, MarsPipeline, MarsPipelineOutput, PromptTokenizer
 from mars.shapes import render, scene_for_prompt
 from mars.tokenizer import load_qwen_tokenizer
 from vq import VQTokenizer
@@ -228,7 +228,7 @@ def test_encode_prompts_rejects_empty_too_long_and_strictly_unseen_prompts(tiny_
 
 @pytest.mark.parametrize("settings", [
     dict(guidance_scale=float("nan")), dict(guidance_scale=-1.0), dict(guidance_scale=float("inf")),
-    dict(temperature=-0.5), dict(temperature=float("nan")), dict(top_k=0), dict(top_k=2.5), dict(top_p=0.0),
+    dict(temperature=-0.5), dict(temperature=float("nan")), dict(top_k=-1), dict(top_k=2.5), dict(top_p=0.0),
     dict(top_p=1.5), dict(num_images_per_prompt=0),
 ])
 def test_bad_sampler_settings_fail_before_sampling(tiny_pipe, settings):
@@ -240,11 +240,28 @@ def test_bad_sampler_settings_fail_before_sampling(tiny_pipe, settings):
     assert str(caught.value).startswith(f"{name}={value!r} is out of range: use {SAMPLER_LIMITS[name][1]}")
 
 
+def test_the_bundle_sampler_settings_are_the_defaults_and_survive_save(tiny_pipe, tmp_path):
+    tuned = {"guidance_scale": 2.0, "temperature": 0.5, "top_k": 7, "top_p": 0.9}
+    pipe = MarsPipeline(tiny_pipe.model, tiny_pipe.vq, tiny_pipe.tokenizer, tiny_pipe.superres, tuned)
+    assert pipe.sampling == tuned and tiny_pipe.sampling == DEFAULT_SAMPLING
+    assert torch.equal(sample(pipe, seed=4).codes, sample(tiny_pipe, seed=4, **tuned).codes)
+    # A call overrides one setting and keeps the others; top_k=0 turns the bundle's top-k off.
+    assert torch.equal(sample(pipe, seed=4, guidance_scale=3.0, top_k=0).codes,
+                       sample(tiny_pipe, seed=4, **tuned | {"guidance_scale": 3.0, "top_k": None}).codes)
+    pipe.save_pretrained(tmp_path / "bundle")
+    index = json.loads((tmp_path / "bundle" / "model_index.json").read_text())
+    assert index["sampling"] == tuned and MarsPipeline.from_pretrained(tmp_path / "bundle").sampling == tuned
+    index["sampling"] = {"temperature": -1}
+    (tmp_path / "bundle" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model_index.json: temperature=-1 is out of range"):
+        MarsPipeline.from_pretrained(tmp_path / "bundle")
+
+
 def test_edge_sampler_settings_sample_and_caption_checks_its_own(tiny_pipe):
     out = tiny_pipe("a red circle", guidance_scale=0.0, temperature=0.0, top_k=1, top_p=1.0, super_resolution=False)
     assert out.codes.shape == (1, 8, 8)
     image = out.images[0]
-    for settings in (dict(max_new_tokens=0), dict(top_p=0.0), dict(top_k=0), dict(temperature=-1.0)):
+    for settings in (dict(max_new_tokens=0), dict(top_p=0.0), dict(top_k=-1), dict(temperature=-1.0)):
         with pytest.raises(ValueError, match="is out of range"):
             tiny_pipe.caption(image, **settings)
     with pytest.raises(ValueError, match="no prompt given"):

@@ -64,7 +64,7 @@ def only_line(err: str) -> str:
     (["a circle", "--top-p", "2"], "argument --top-p: 2 is out of range: use a value in (0, 1]"),
     (["a circle", "--top-p", "0"], "argument --top-p: 0 is out of range"),
     (["a circle", "--temperature", "nan"], "argument --temperature: nan is out of range"),
-    (["a circle", "--top-k", "0"], "argument --top-k: 0 is out of range: use an integer >= 1"),
+    (["a circle", "--top-k", "-1"], "argument --top-k: -1 is out of range: use an integer >= 1, or 0 for off"),
     (["a circle", "--num-images", "two"], "argument --num-images: 'two' is not an integer"),
     (["a circle", "--dtype", "float8"], "argument --dtype: invalid choice"),
     ([], "give exactly one of a prompt, --prompts FILE or --caption IMAGE (got 0)"),

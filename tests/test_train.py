@@ -86,7 +86,8 @@ def stage_config(world: dict, run_dir: Path, *, max_steps: int = 12, every: int 
     config["trainer"]["callbacks"] = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": every}},
-        {"class_path": "train.callbacks.FiniteLossGuard"}, *callbacks]
+        {"class_path": "train.callbacks.FiniteLossGuard"},
+        {"class_path": "train.callbacks.EMAWeights", "init_args": {"decay": 0.9}}, *callbacks]
     return config
 
 
@@ -284,6 +285,13 @@ def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(world, tmp
     for name in want_weights:
         torch.testing.assert_close(got_weights[name], want_weights[name])
     assert got["lr_schedulers"] == want["lr_schedulers"]
+    # The export is the EMA of the weights (restored on resume too), not the last step's weights.
+    ema = next(state for key, state in got["callbacks"].items() if key.startswith("EMAWeights"))
+    assert ema["updates"] == 32
+    for name in want_weights:
+        torch.testing.assert_close(got_weights[name], ema["shadow"][f"model.{name}"].to(got_weights[name].dtype))
+    assert any(not torch.equal(got_weights[n], got["state_dict"][f"model.{n}"].to(got_weights[n].dtype))
+               for n in want_weights)
     for got_state, want_state in zip(got["optimizer_states"][0]["state"].values(),
                                      want["optimizer_states"][0]["state"].values()):
         torch.testing.assert_close(got_state["exp_avg_sq"], want_state["exp_avg_sq"])

@@ -2,6 +2,8 @@
 
     FiniteLossGuard     stops the run with a clear error on a NaN/inf training loss, before any
                         checkpoint of the broken weights is written (all ranks stop together).
+    EMAWeights          an exponential moving average of the trainable weights: validation, the
+                        shapes evaluation and the export use it (it is in every checkpoint too).
     ShapesEvalCallback  every N steps (and at the end of fit): generate images for the spec's
                         category prompts (English and Chinese), decode them with the VQ, score
                         them with mars.shapes, log per-category accuracy (plain and strict) and
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +48,93 @@ class FiniteLossGuard(L.Callback):
                 "done): "
                 "stopped before checkpointing it. Rerun the same command to resume from the last checkpoint with a "
                 "lower optim.lr, precision 32 or trainer.gradient_clip_val")
+
+
+class EMAWeights(L.Callback):
+    """Keeps `ema = decay * ema + (1 - decay) * w` for every trainable parameter after each optimizer step.
+
+    The average of a noisy end of training samples better than its last step, for the price of one
+    copy of the trainable weights. The decay ramps up as (1 + n) / (10 + n) so the first steps are not
+    dominated by the initial weights. The average stands in for the weights during validation and the
+    shapes evaluation, and replaces them for good when fit ends, so the module's export writes it.
+    Its state is saved in the checkpoint and restored on resume.
+    """
+
+    def __init__(self, decay: float = 0.999):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay={decay} must lie in [0, 1)")
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] = {}
+        self.updates = 0
+        self._pending: dict[str, torch.Tensor] | None = None  # restored from a checkpoint before the module exists
+
+    @staticmethod
+    def _trainable(pl_module) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        params = self._trainable(pl_module)
+        source = self._pending or {}
+        if source and set(source) != set(params):
+            raise ValueError("the checkpoint's EMA weights belong to another model: resume with the config that "
+                             "wrote it, or start a fresh run directory")
+        self.shadow = {name: source.get(name, p.detach()).to(p.device, torch.float32).clone()
+                       for name, p in params.items()}
+        self._pending = None
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step <= self.updates:  # gradient accumulation: no optimizer step yet
+            return
+        self.updates = trainer.global_step
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in self._trainable(pl_module).items():
+            self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
+
+    @contextmanager
+    def swapped_in(self, pl_module):
+        """The EMA weights in place of the trained ones for the duration of the block."""
+        params = self._trainable(pl_module)
+        saved = {name: p.detach().clone() for name, p in params.items()}
+        self._copy_into(params, self.shadow)
+        try:
+            yield
+        finally:
+            self._copy_into(params, saved)
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy_into(params: dict, values: dict) -> None:
+        for name, p in params.items():
+            p.copy_(values[name])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.shadow and not trainer.sanity_checking:
+            self._validation = self.swapped_in(pl_module)
+            self._validation.__enter__()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        validation = getattr(self, "_validation", None)
+        if validation is not None:
+            self._validation = None
+            validation.__exit__(None, None, None)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # Callbacks' on_fit_end runs before the module's, whose export then writes the average.
+        if self.shadow:
+            self._copy_into(self._trainable(pl_module), self.shadow)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self._pending = state["shadow"]
+
+
+def ema_of(trainer) -> EMAWeights | None:
+    return next((c for c in trainer.callbacks if isinstance(c, EMAWeights)), None)
 
 
 def eval_prompts(num_prompts: int, seed: int) -> list[str]:
@@ -108,7 +198,8 @@ class ShapesEvalCallback(L.Callback):
         was_training = model.training
         model.eval()
         images = []
-        with torch.inference_mode():
+        ema = ema_of(trainer)
+        with ema.swapped_in(pl_module) if ema and ema.shadow else nullcontext(), torch.inference_mode():
             for first in range(0, len(prompts), self.batch_size):
                 chunk = [tokenizer.encode(p) for p in prompts[first:first + self.batch_size]]
                 codes = generate_images(model, chunk, generator=generator, **self.sampling)  # (b, h, w)

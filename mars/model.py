@@ -72,6 +72,12 @@ def read_safetensors(path: Path, device: torch.device | str, saver: str) -> dict
         raise ValueError(f"{path} is not a readable safetensors file ({message}); re-save the model") from None
 
 
+def cast_floats(state: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """A state dict ready for save_file: contiguous, floating tensors in `dtype` (None: as they are)."""
+    return {name: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+            for name, t in state.items()}
+
+
 def parameter_report(model: nn.Module) -> dict[str, int]:
     """{total, frozen, trainable} parameter counts (tied weights counted once)."""
     trainable = sum(p.numel() for name, p in model.named_parameters() if is_trainable(name))
@@ -151,8 +157,10 @@ class MarsModel(nn.Module):
             raise ValueError("MarsConfig has neither text_model (a Qwen directory) nor text_config: set one")
         return cls(config, build_qwen(config.text_config))
 
-    def save_pretrained(self, directory: str | Path, store_text_model: bool | None = None) -> None:
-        """Write mars_config.json + mars_trainable.safetensors (experts only).
+    def save_pretrained(self, directory: str | Path, store_text_model: bool | None = None,
+                        dtype: torch.dtype | None = None) -> None:
+        """Write mars_config.json + mars_trainable.safetensors (experts only), in `dtype` if given
+        (e.g. float16 to ship: loading casts back to the model's dtype).
 
         The frozen Qwen is referenced by its path, or stored in `text_model/` (HF format) when
         `store_text_model` is True or the model has no path (built from a config or an object).
@@ -161,14 +169,14 @@ class MarsModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         config = self.config
         if store_text_model or (store_text_model is None and config.text_model is None):
-            self._save_text_model(directory / TEXT_MODEL_DIR)
+            self._save_text_model(directory / TEXT_MODEL_DIR, dtype)
             config = dataclasses.replace(config, text_model=TEXT_MODEL_DIR)
         elif config.text_model is None:
             raise ValueError("store_text_model=False but this model has no Qwen path to reference: store it")
-        save_file({k: v.contiguous() for k, v in trainable_state_dict(self).items()}, directory / WEIGHTS_NAME)
+        save_file(cast_floats(trainable_state_dict(self), dtype), directory / WEIGHTS_NAME)
         config.save(directory / CONFIG_NAME)
 
-    def _save_text_model(self, directory: Path) -> None:
+    def _save_text_model(self, directory: Path, dtype: torch.dtype | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.text_config.save_pretrained(directory)
         frozen, seen = {}, set()
@@ -176,7 +184,7 @@ class MarsModel(nn.Module):
             if not is_trainable(name) and tensor.data_ptr() not in seen:  # tied lm_head stored once
                 seen.add(tensor.data_ptr())
                 frozen[name] = tensor.contiguous()
-        save_file(frozen, directory / "model.safetensors", metadata={"format": "pt"})
+        save_file(cast_floats(frozen, dtype), directory / "model.safetensors", metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> MarsModel:

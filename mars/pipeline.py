@@ -39,11 +39,12 @@ from typing import Callable, Sequence
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mars.config import MarsConfig
 from mars.errors import first_line
-from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel
+from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel, cast_floats
 from mars.sampling import caption_images, generate_images
 from mars.shapes import flatten_on_white
 from mars.tokenizer import VOCAB_MAP_FILE, VocabMap, save_tokenizer
@@ -116,7 +117,8 @@ def load_text_model(directory: Path, dtype: torch.dtype | None = None):
         raise FileNotFoundError(f"{directory / 'config.json'} not found: the bundle's text model is incomplete; "
                                 "re-export the bundle")
     try:
-        return AutoModelForCausalLM.from_pretrained(directory, **({"dtype": dtype} if dtype is not None else {}))
+        # float32 unless asked: a bundle stored in fp16 still computes in fp32 on CPU.
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
     except Exception as error:  # transformers/safetensors raise many types for truncated or garbled files
         reason = first_line(error)
         raise ValueError(f"text model in {directory} is unreadable ({reason}): re-export the bundle") from None
@@ -265,8 +267,10 @@ class MarsPipeline:
             sr_model = SuperResModel.from_pretrained(parts["superres"], qwen=qwen)  # the same frozen Qwen
         return cls(model, VQTokenizer.from_pretrained(parts["vq"]), prompt_tokenizer, sr_model, sampling)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write a self-contained bundle: the Qwen directory is copied once and referenced by both models."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write a self-contained bundle: the Qwen directory is copied once and referenced by both models.
+        `dtype` (e.g. torch.float16, half the size) stores the Qwen's and the experts' weights in it;
+        loading casts them back to float32 (or the dtype asked for). The VQ is always stored in fp16."""
         directory = Path(directory)
         source = self.model.config.text_model
         if source is None or not (Path(source) / "config.json").is_file():
@@ -278,7 +282,10 @@ class MarsPipeline:
         self.tokenizer.save_pretrained(staging / "tokenizer")
         (staging / "text_model").mkdir()
         for path in Path(source).iterdir():  # config and weights only: the tokenizer has its own folder
-            if path.name in ("config.json", "generation_config.json") or path.name.startswith("model"):
+            if dtype is not None and path.suffix == ".safetensors":
+                save_file(cast_floats(load_file(path), dtype), staging / "text_model" / path.name,
+                          metadata={"format": "pt"})
+            elif path.name in ("config.json", "generation_config.json") or path.name.startswith("model"):
                 shutil.copy2(path, staging / "text_model" / path.name)
         parts = [("mars", self.model)] + ([("superres", self.superres)] if self.superres is not None else [])
         for name, part in parts:
@@ -286,7 +293,7 @@ class MarsPipeline:
             own = mars.config
             mars.config = dataclasses.replace(own, text_model="../text_model")  # relative: the bundle can move
             try:
-                part.save_pretrained(staging / name, store_text_model=False)
+                part.save_pretrained(staging / name, store_text_model=False, dtype=dtype)
             finally:
                 mars.config = own
         self.vq.save_pretrained(staging / "vq", dtype=torch.float16)  # half the size; loads back as fp32

@@ -53,8 +53,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from mars.config import JsonConfig, MarsConfig
-from mars.model import (CONFIG_NAME, WEIGHTS_NAME, MarsModel, apply_trainable_filter, encode_texts, is_trainable,
-                        pad_sequences, read_safetensors)
+from mars.model import (CONFIG_NAME, WEIGHTS_NAME, MarsModel, apply_trainable_filter, cast_floats, encode_texts,
+                        is_trainable, pad_sequences, read_safetensors)
 from mars.sampling import StepCallback, sample_logits
 from mars.semvie import ModalityRouter
 
@@ -180,13 +180,15 @@ class SuperResModel(nn.Module):
         """A new model: the Qwen from `base` (directory or random config), image_grid set to low_grid."""
         return cls(config, MarsModel.from_config(dataclasses.replace(base, image_grid=config.low_grid)))
 
-    def save_pretrained(self, directory: str | Path, store_text_model: bool | None = None) -> None:
+    def save_pretrained(self, directory: str | Path, store_text_model: bool | None = None,
+                        dtype: torch.dtype | None = None) -> None:
         """MarsModel.save_pretrained (config, experts, Qwen by path or stored) + superres_config.json
-        + superres_trainable.safetensors (the slot embeddings). A SR directory is a MarsModel directory too."""
+        + superres_trainable.safetensors (the slot embeddings), weights in `dtype` if given.
+        A SR directory is a MarsModel directory too."""
         directory = Path(directory)
-        self.mars.save_pretrained(directory, store_text_model)
-        own = {name: t.contiguous() for name, t in self.state_dict().items() if not name.startswith("mars.")}
-        save_file(own, directory / SUPERRES_WEIGHTS_NAME)
+        self.mars.save_pretrained(directory, store_text_model, dtype)
+        own = {name: t for name, t in self.state_dict().items() if not name.startswith("mars.")}
+        save_file(cast_floats(own, dtype), directory / SUPERRES_WEIGHTS_NAME)
         self.config.save(directory / SUPERRES_CONFIG_NAME)
 
     @classmethod

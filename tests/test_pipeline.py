@@ -240,6 +240,18 @@ def test_bad_sampler_settings_fail_before_sampling(tiny_pipe, settings):
     assert str(caught.value).startswith(f"{name}={value!r} is out of range: use {SAMPLER_LIMITS[name][1]}")
 
 
+def test_a_float16_bundle_is_half_the_size_and_loads_the_rounded_weights_in_float32(tiny_pipe, tmp_path):
+    def weights_bytes(bundle: Path) -> int:
+        return sum(f.stat().st_size for part in ("text_model", "mars") for f in (bundle / part).glob("*.safetensors"))
+
+    full, half = tiny_pipe.save_pretrained(tmp_path / "fp32"), tiny_pipe.save_pretrained(tmp_path / "fp16", torch.float16)
+    assert 0.45 < weights_bytes(half) / weights_bytes(full) < 0.55
+    loaded = MarsPipeline.from_pretrained(half)
+    mine, original = loaded.model.state_dict(), tiny_pipe.model.state_dict()  # the Qwen and the experts
+    assert mine.keys() == original.keys() and all(t.dtype == torch.float32 for t in mine.values())
+    assert all(torch.equal(mine[name], original[name].half().float()) for name in original)
+
+
 def test_the_bundle_sampler_settings_are_the_defaults_and_survive_save(tiny_pipe, tmp_path):
     tuned = {"guidance_scale": 2.0, "temperature": 0.5, "top_k": 7, "top_p": 0.9}
     pipe = MarsPipeline(tiny_pipe.model, tiny_pipe.vq, tiny_pipe.tokenizer, tiny_pipe.superres, tuned)

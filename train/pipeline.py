@@ -170,6 +170,21 @@ class Runner:
         extract_codes(self.products["vq"], product, n=config["n"], sizes=tuple(config["sizes"]),
                       seed=config.get("seed", 0), batch_size=config.get("batch_size", 64))
 
+    def tune_sampling(self, pipe) -> dict:
+        """The bundle's default sampler settings: the best of mars.eval.TUNING_GRID on validation prompts
+        (a seed the evaluation does not use); every setting's scores go to DIR/sampling.json."""
+        from mars.eval import tune_sampling
+
+        smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)})
+        results = tune_sampling(pipe, **(smoke if self.smoke else {}))
+        (self.out / "sampling.json").write_text(json.dumps(
+            [{"settings": settings, "overall": summary["overall"], "overall_strict": summary["overall_strict"]}
+             for settings, summary in results], indent=1) + "\n")
+        best, summary = results[0]
+        print(f"[pipeline] sampler settings {best}: overall {summary['overall']:.3f}, "
+              f"strict {summary['overall_strict']:.3f} on {summary['n']} validation prompts")
+        return pipe.sampling | best | {"top_k": best.get("top_k") or None}
+
     def export_bundle(self) -> Path:
         """DIR/bundle from the text model, the last MARS stage, the VQ and (if trained) the super-resolution model."""
         import torch
@@ -178,7 +193,8 @@ class Runner:
 
         pipe = MarsPipeline.from_parts(self.products["text"], self.products["stage2"], self.products["vq"],
                                        superres=self.products.get("superres"))
-        bundle = pipe.save_pretrained(self.out / "bundle")
+        pipe.sampling = self.tune_sampling(pipe)
+        bundle = pipe.save_pretrained(self.out / "bundle", dtype=torch.float16)  # fp16 to ship: half the size
         with torch.inference_mode():  # prove it loads and samples before calling it done
             image = MarsPipeline.from_pretrained(bundle)("a red circle", generator=torch.Generator().manual_seed(0))
         print(f"[pipeline] bundle written to {bundle} (sample image {image.images[0].size[0]} px)")

@@ -116,6 +116,7 @@ class GenerationRequest:
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0
+    candidates: int = 1
     seed: int = 0
     num_images: int = 1
     super_resolution: bool = True
@@ -124,6 +125,7 @@ class GenerationRequest:
         """One line of settings for the gallery."""
         parts = [f"CFG {self.guidance_scale:g}", f"T {self.temperature:g}",
                  f"top-k {self.top_k}" if self.top_k else "top-k off", f"top-p {self.top_p:g}",
+                 *([f"best of {self.candidates}"] if self.candidates > 1 else []),
                  f"seed {self.seed}", "SR on" if self.super_resolution else "SR off"]
         return " · ".join(parts)
 
@@ -192,8 +194,9 @@ class GenerationJob:
         r = self.request
         generator = torch.Generator(device=self.pipe.device).manual_seed(r.seed)
         output = self.pipe(r.prompt, guidance_scale=r.guidance_scale, temperature=r.temperature, top_k=r.top_k,
-                           top_p=r.top_p, generator=generator, num_images_per_prompt=r.num_images,
-                           super_resolution=r.super_resolution, callback=self._on_step)
+                           top_p=r.top_p, candidates=r.candidates, generator=generator,
+                           num_images_per_prompt=r.num_images, super_resolution=r.super_resolution,
+                           callback=self._on_step)
         return output.images
 
     def _on_step(self, phase: str, step: int, total: int, codes: Tensor) -> None:

@@ -117,6 +117,9 @@ def sampler_controls(pipe) -> GenerationRequest:
         st.session_state.top_k = codebook
     st.number_input("Top-k (0 = off)", 0, codebook, min(tuned["top_k"] or 0, codebook), key="top_k")
     st.slider("Top-p", 0.05, 1.0, float(tuned["top_p"]), 0.05, key="top_p")
+    st.slider("Candidates", 1, 8, min(int(tuned["candidates"]), 8), key="candidates",
+              help="base images sampled per image shown; the one whose prompt the model's own image-to-text "
+                   "finds likeliest is kept")
     seed_box, dice = st.columns(2, vertical_alignment="bottom")
     seed_box.number_input("Seed", 0, 2**31 - 1, step=1, key="seed")
     dice.button("Random", icon=":material/casino:", on_click=random_seed, key="random_seed", width="stretch")
@@ -128,7 +131,8 @@ def sampler_controls(pipe) -> GenerationRequest:
     state = st.session_state
     return GenerationRequest(prompt="", guidance_scale=float(state.guidance_scale),
                              temperature=float(state.temperature), top_k=int(state.top_k),
-                             top_p=float(state.top_p), seed=int(state.seed), num_images=int(state.num_images),
+                             top_p=float(state.top_p), candidates=int(state.candidates), seed=int(state.seed),
+                             num_images=int(state.num_images),
                              super_resolution=has_superres and bool(state.super_resolution))
 
 

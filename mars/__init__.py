@@ -24,7 +24,7 @@ _EXPORTS = {
         "trainable_state_dict",
     ],
     "mars.pipeline": ["MarsPipeline", "MarsPipelineOutput"],
-    "mars.sampling": ["caption_images", "generate", "generate_images", "generate_text", "sample_logits"],
+    "mars.sampling": ["caption_images", "caption_nll", "generate", "generate_images", "generate_text", "sample_logits"],
     "mars.semvie": ["KVCache", "ModalityRouter", "SemVIELayer", "SemVIEModel"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

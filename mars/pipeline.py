@@ -12,7 +12,8 @@ A bundle directory (written by `save_pretrained`, and by `python -m train.pipeli
     model_index.json   {"format": "mars-pipeline", "version": 1, "tokenizer": "tokenizer",
                         "text_model": "text_model", "mars": "mars", "vq": "vq",
                         "superres": "superres" | null, "image_size": 128 | 256,
-                        "sampling": {"guidance_scale": 3.0, "temperature": 1.0, "top_k": null, "top_p": 1.0}}
+                        "sampling": {"guidance_scale": 3.0, "temperature": 1.0, "top_k": null, "top_p": 1.0,
+                                     "candidates": 1}}
     tokenizer/         tokenizer.json + tokenizer_config.json (the Qwen tokenizer), and
                        vocab_map.json when the text model uses a trimmed vocabulary (mars.tokenizer.VocabMap)
     text_model/        the frozen Qwen, Hugging Face format (config.json + model*.safetensors)
@@ -45,7 +46,7 @@ from torch import Tensor
 from mars.config import MarsConfig
 from mars.errors import first_line
 from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel, cast_floats
-from mars.sampling import caption_images, generate_images
+from mars.sampling import caption_images, caption_nll, generate_images
 from mars.shapes import flatten_on_white
 from mars.tokenizer import VOCAB_MAP_FILE, VocabMap, save_tokenizer
 from vq import VQTokenizer, images_to_tensor, tensor_to_images
@@ -141,12 +142,13 @@ SAMPLER_LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
     "top_k": (lambda v: v is None or v == 0 or _count(v), "an integer >= 1, or 0 for off"),
     "top_p": (lambda v: _finite(v) and 0 < v <= 1, "a value in (0, 1]"),
     "num_images_per_prompt": (_count, "an integer >= 1"),
+    "candidates": (_count, "an integer >= 1"),
     "max_new_tokens": (_count, "an integer >= 1"),
 }
 
 
 # What a call leaves out when its bundle names nothing else.
-DEFAULT_SAMPLING = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": None, "top_p": 1.0}
+DEFAULT_SAMPLING = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": None, "top_p": 1.0, "candidates": 1}
 
 
 def check_sampler_settings(**settings) -> None:
@@ -347,16 +349,19 @@ class MarsPipeline:
     @torch.inference_mode()
     def __call__(self, prompt: str | Sequence[str], guidance_scale: float | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
-                 super_resolution: bool = True, callback: PipelineCallback | None = None) -> MarsPipelineOutput:
+                 candidates: int | None = None, generator: torch.Generator | None = None,
+                 num_images_per_prompt: int = 1, super_resolution: bool = True,
+                 callback: PipelineCallback | None = None) -> MarsPipelineOutput:
         """Prompt(s) -> images; `callback(phase, step, total, codes)` sees every sampling step.
 
         A sampler setting left at None takes the bundle's (`self.sampling`); top_k=0 turns top-k off
-        where the bundle sets one."""
-        given = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p)
+        where the bundle sets one. candidates=N samples N base images per image returned and keeps
+        the one whose prompt the model's own image-to-text direction finds likeliest (self-reranking)."""
+        given = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                     candidates=candidates)
         settings = self.sampling | {name: value for name, value in given.items() if value is not None}
         check_sampler_settings(**settings, num_images_per_prompt=num_images_per_prompt)
-        guidance_scale, temperature, top_k, top_p = (settings[name] for name in given)
+        guidance_scale, temperature, top_k, top_p, candidates = (settings[name] for name in given)
         top_k = top_k or None  # 0: off
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -365,7 +370,7 @@ class MarsPipeline:
         ids = [row for row in self.encode_prompts(prompts, run_superres) for _ in range(num_images_per_prompt)]
         sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
                         generator=generator)
-        codes = generate_images(self.model, ids, **sampling, callback=_phase(callback, "base"))  # (B, h, w)
+        codes = self.sample_base(ids, candidates, sampling, _phase(callback, "base"))  # (B, h, w)
         if run_superres:
             from mars.superres import upsample_codes
 
@@ -374,6 +379,15 @@ class MarsPipeline:
         return MarsPipelineOutput(images=tensor_to_images(self.vq.decode(codes)), codes=codes.cpu())
 
     # --- image to text ----------------------------------------------------------------------
+
+    def sample_base(self, ids: list[list[int]], candidates: int, sampling: dict, callback) -> Tensor:
+        """Base-grid codes (B, h, w) for B prompts: the best of `candidates` samples each by caption_nll."""
+        if candidates == 1:
+            return generate_images(self.model, ids, **sampling, callback=callback)
+        tried = [row for row in ids for _ in range(candidates)]
+        codes = generate_images(self.model, tried, **sampling, callback=callback)  # (B*N, h, w)
+        nll = caption_nll(self.model, codes, tried).view(len(ids), candidates)  # (B, N)
+        return codes.view(len(ids), candidates, *codes.shape[1:])[torch.arange(len(ids)), nll.argmin(1)]
 
     def encode_images(self, images: Sequence[Image.Image]) -> Tensor:
         """PIL images (any mode, any size) -> base-grid codes (B, h, w): transparency is flattened onto

@@ -9,6 +9,7 @@ runs the conditional and unconditional (empty prompt) rows in one batch.
     codes = generate_images(model, ["a red circle", "两个蓝色的正方形"], tokenizer=tok,
                             guidance_scale=3.0, generator=torch.Generator().manual_seed(0))  # (B, h, w)
     captions = caption_images(model, codes)  # token ids, stopped at eos
+    nll = caption_nll(model, codes, prompt_ids)  # (B,) -log p(prompt | image): self-reranking
 
 Tests: `pytest tests/test_sampling.py`; speed: `python -m benchmarks.sampling`.
 """
@@ -191,3 +192,22 @@ def caption_images(model: MarsModel, codes: Tensor, **kwargs) -> list[list[int]]
     boi = torch.full((len(codes), 1), model.boi_token_id, dtype=torch.long, device=codes.device)
     eoi = torch.full_like(boi, model.eoi_token_id)
     return generate_text(model, torch.cat([boi, image, eoi], dim=1).tolist(), **kwargs)
+
+
+@torch.no_grad()
+def caption_nll(model: MarsModel, codes: Tensor, token_ids: Sequence[Sequence[int]]) -> Tensor:
+    """codes (B, h, w) and one caption per image -> (B,) -log p(caption, eos | image) under the
+    image-to-text direction ([boi][codes][eoi][caption][eos], teacher-forced, one forward pass).
+
+    Lower means the image fits the caption better: sampling several images per prompt and keeping
+    the one whose caption is likeliest is self-reranking (CogView), with no other model involved.
+    """
+    from mars.model import IGNORE_INDEX, build_batch
+
+    batch = build_batch(model, [list(ids) for ids in token_ids], codes.cpu(), task="i2t")  # right-padded
+    batch = {key: value.to(codes.device) for key, value in batch.items()}
+    logits = model(batch["input_ids"], batch["attention_mask"]).logits[:, :-1].float()  # (B, T-1, V)
+    targets = batch["labels"][:, 1:]  # (B, T-1): the caption and its eos, -100 elsewhere
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                      reduction="none")  # (B, T-1)
+    return nll.sum(dim=1)

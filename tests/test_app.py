@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 
 from app.generation import (MAX_PROMPT_CHARS, MODEL_LOCK, PENDING, GenerationJob, GenerationRequest, check_prompt,
                             preview_images, read_image, sampling_threads, to_png)
-from mars.shapes import random_scene, render
+from mars.shapes import random_scene, render, score
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 PENDING_PIXEL = round((PENDING + 1) * 127.5)
@@ -83,6 +83,20 @@ def test_generate_fills_the_gallery_with_the_pipelines_images(monkeypatch, tiny_
     assert not at.error and not at.exception
     # Streamlit's gc.collect() after each (polling) rerun would starve the sampling thread of the GIL
     assert streamlit.config.get_option("runner.postScriptGC") is False
+
+
+def test_the_shipped_default_model_draws_the_prompt(monkeypatch):
+    monkeypatch.delenv("MARS_CHECKPOINT", raising=False)  # the page's default: checkpoints/mars-shapes
+    monkeypatch.setenv("MARS_DEVICE", "cpu")
+    monkeypatch.setenv("MARS_APP_THREADS", str(torch.get_num_threads()))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert at.session_state.checkpoint == "checkpoints/mars-shapes"
+    wait_for_job(generate(at, "a red circle", seed=0, num_images=2), timeout=120)
+    gallery = at.session_state.gallery
+    assert [item.size for item in gallery] == [256, 256] and len(at.image) == 2
+    verdicts = [score("a red circle", Image.open(io.BytesIO(item.png))) for item in gallery]
+    assert any(v.passed for v in verdicts), [v.objects for v in verdicts]  # a trained model, not noise
 
 
 @pytest.mark.parametrize("prompt, message", [

@@ -9,6 +9,7 @@ The input checks (prompts, sampler settings, images) run on conftest's tiny rand
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 import mars
 from mars.model import build_batch
 from mars.pipeline import DEFAULT_SAMPLING, SAMPLER_LIMITS, MarsPipeline, MarsPipelineOutput, PromptTokenizer
+from mars.sampling import caption_nll, generate_images
 from mars.shapes import render, scene_for_prompt
 from mars.tokenizer import load_qwen_tokenizer
 from vq import VQTokenizer
@@ -229,7 +231,7 @@ def test_encode_prompts_rejects_empty_too_long_and_strictly_unseen_prompts(tiny_
 @pytest.mark.parametrize("settings", [
     dict(guidance_scale=float("nan")), dict(guidance_scale=-1.0), dict(guidance_scale=float("inf")),
     dict(temperature=-0.5), dict(temperature=float("nan")), dict(top_k=-1), dict(top_k=2.5), dict(top_p=0.0),
-    dict(top_p=1.5), dict(num_images_per_prompt=0),
+    dict(top_p=1.5), dict(num_images_per_prompt=0), dict(candidates=0),
 ])
 def test_bad_sampler_settings_fail_before_sampling(tiny_pipe, settings):
     steps = []
@@ -253,7 +255,7 @@ def test_a_float16_bundle_is_half_the_size_and_loads_the_rounded_weights_in_floa
 
 
 def test_the_bundle_sampler_settings_are_the_defaults_and_survive_save(tiny_pipe, tmp_path):
-    tuned = {"guidance_scale": 2.0, "temperature": 0.5, "top_k": 7, "top_p": 0.9}
+    tuned = {"guidance_scale": 2.0, "temperature": 0.5, "top_k": 7, "top_p": 0.9, "candidates": 2}
     pipe = MarsPipeline(tiny_pipe.model, tiny_pipe.vq, tiny_pipe.tokenizer, tiny_pipe.superres, tuned)
     assert pipe.sampling == tuned and tiny_pipe.sampling == DEFAULT_SAMPLING
     assert torch.equal(sample(pipe, seed=4).codes, sample(tiny_pipe, seed=4, **tuned).codes)
@@ -267,6 +269,22 @@ def test_the_bundle_sampler_settings_are_the_defaults_and_survive_save(tiny_pipe
     (tmp_path / "bundle" / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"model_index.json: temperature=-1 is out of range"):
         MarsPipeline.from_pretrained(tmp_path / "bundle")
+
+
+def test_candidates_keep_the_sample_whose_prompt_the_model_captions_likeliest(tiny_pipe):
+    model = copy.deepcopy(tiny_pipe.model)
+    with torch.no_grad():
+        model.image_embed.weight.normal_(generator=torch.Generator().manual_seed(0))  # codes told apart, as trained
+    pipe = MarsPipeline(model, tiny_pipe.vq, tiny_pipe.tokenizer)
+    prompts = ["a red circle", "两个蓝色的正方形"]
+    tried = [row for row in pipe.encode_prompts(prompts) for _ in range(3)]
+    all_codes = generate_images(model, tried, guidance_scale=DEFAULT_SAMPLING["guidance_scale"],
+                                generator=torch.Generator().manual_seed(5))  # (6, h, w): the pipeline's draws
+    best = caption_nll(model, all_codes, tried).view(2, 3).argmin(1)
+    assert best.tolist() != [0, 0]  # a pick that taking the first sample would miss
+    out = pipe(prompts, candidates=3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out.codes, all_codes.view(2, 3, 8, 8)[torch.arange(2), best])
+    assert len(out.images) == 2 and out.images[0].size == (128, 128)
 
 
 def test_edge_sampler_settings_sample_and_caption_checks_its_own(tiny_pipe):

@@ -13,6 +13,7 @@ from mars import (
     MarsModel,
     build_batch,
     caption_images,
+    caption_nll,
     generate,
     generate_images,
     sample_logits,
@@ -149,6 +150,18 @@ def test_greedy_caption_equals_full_recompute_and_stops_at_eos(name):
     first_stop = captions[0].index(stop)
     stopped = caption_images(model, codes, max_new_tokens=6, eos_token_id=stop)
     assert stopped[0] == captions[0][:first_stop]
+
+
+def test_caption_nll_is_the_teacher_forced_caption_loss_of_each_row_alone():
+    model = tiny("tiny-qwen3", image_grid=(4, 4))
+    codes = torch.randint(0, 64, (3, 4, 4), generator=seeded(2))
+    nll = caption_nll(model, codes, PROMPTS)  # captions of three lengths: right padding
+    assert nll.shape == (3,)
+    for row, caption in enumerate(PROMPTS):
+        batch = build_batch(model, [caption], codes[row:row + 1], task="i2t")
+        with torch.no_grad():
+            mean = model(**batch).text_loss  # over the caption and its eos
+        torch.testing.assert_close(nll[row], mean * (len(caption) + 1), rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_model_overfits_fixed_grids_and_greedy_sampling_returns_them():

@@ -175,7 +175,8 @@ class Runner:
         (a seed the evaluation does not use); every setting's scores go to DIR/sampling.json."""
         from mars.eval import tune_sampling
 
-        smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)})
+        smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)},
+                     candidates=(1, 2))
         results = tune_sampling(pipe, **(smoke if self.smoke else {}))
         (self.out / "sampling.json").write_text(json.dumps(
             [{"settings": settings, "overall": summary["overall"], "overall_strict": summary["overall_strict"]}

@@ -9,7 +9,9 @@
 The model is a bundle directory (--checkpoint, default checkpoints/mars-shapes) written by
 `python -m train.pipeline` or MarsPipeline.save_pretrained. With --prompts, line k (from 0) is
 sampled with seed --seed + k, recorded in prompts.jsonl: `python sample.py PROMPT --seed S` with the
-same sampling flags (--cfg, --temperature, --top-k, --top-p, --num-images, --no-sr) reproduces it. Bad input ends with a one-line error and exit code 2.
+same sampling flags (--cfg, --temperature, --top-k, --top-p, --candidates, --num-images, --no-sr)
+reproduces it. Sampler flags left out take the bundle's tuned settings (model_index.json "sampling").
+Bad input ends with a one-line error and exit code 2.
 Tests: `pytest tests/test_sample.py`.
 """
 

@@ -22,8 +22,9 @@ A bundle directory (written by `save_pretrained`, and by `python -m train.pipeli
     superres/          optional: mars.superres.SuperResModel.save_pretrained (text_model "../text_model")
 
 "sampling" holds the sampler settings the model was tuned with; a call (or a CLI flag) that
-leaves a setting out gets the bundle's value. Only wiring lives here, plus the input checks every client shares (`encode_prompts`,
-`check_sampler_settings`): the models sample themselves (mars.sampling, mars.superres).
+leaves a setting out gets the bundle's value. Only wiring lives here, plus the input checks every
+client shares (`encode_prompts`, `check_sampler_settings`): the models sample themselves
+(mars.sampling, mars.superres).
 Tests: `pytest tests/test_pipeline.py`.
 """
 
@@ -160,6 +161,16 @@ def check_sampler_settings(**settings) -> None:
             raise ValueError(f"{name}={value!r} is out of range: use {wanted}")
 
 
+def sampler_defaults(sampling: dict | None) -> dict:
+    """DEFAULT_SAMPLING updated by a bundle's "sampling" settings, checked (one-line ValueError)."""
+    unknown = sorted(set(sampling or {}) - set(DEFAULT_SAMPLING))
+    if unknown:
+        raise ValueError(f"unknown sampler settings {unknown}: use {sorted(DEFAULT_SAMPLING)}")
+    settings = DEFAULT_SAMPLING | (sampling or {})
+    check_sampler_settings(**settings)
+    return settings
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 @dataclass
@@ -182,11 +193,7 @@ class MarsPipeline:
     def __init__(self, model: MarsModel, vq: VQTokenizer, tokenizer: PromptTokenizer, superres=None,
                  sampling: dict | None = None):
         self.model, self.vq, self.tokenizer, self.superres = model.eval(), vq.eval(), tokenizer, superres
-        unknown = sorted(set(sampling or {}) - set(DEFAULT_SAMPLING))
-        if unknown:
-            raise ValueError(f"unknown sampler settings {unknown}: use {sorted(DEFAULT_SAMPLING)}")
-        self.sampling = DEFAULT_SAMPLING | (sampling or {})  # the defaults of __call__
-        check_sampler_settings(**self.sampling)
+        self.sampling = sampler_defaults(sampling)  # the defaults of __call__
         if superres is not None:
             superres.eval()
         if vq.codebook_size != model.config.codebook_size:
@@ -235,12 +242,12 @@ class MarsPipeline:
         except (ValueError, KeyError, TypeError) as error:
             reason = first_line(error)
             raise ValueError(f"{index_path} is corrupt ({reason}): re-export the bundle") from None
-        pipe = cls.from_parts(parts["text_model"], parts["mars"], parts["vq"], parts["tokenizer"],
-                              parts.get("superres"), dtype=dtype)
         try:
-            pipe = cls(pipe.model, pipe.vq, pipe.tokenizer, pipe.superres, sampling)
+            sampler_defaults(sampling)  # before the slow load
         except ValueError as error:
             raise ValueError(f"{index_path}: {error}") from None
+        pipe = cls.from_parts(parts["text_model"], parts["mars"], parts["vq"], parts["tokenizer"],
+                              parts.get("superres"), dtype=dtype, sampling=sampling)
         return pipe.to(device) if device is not None else pipe
 
     @classmethod
@@ -378,8 +385,6 @@ class MarsPipeline:
                                    callback=_phase(callback, "superres"))  # (B, 2h, 2w)
         return MarsPipelineOutput(images=tensor_to_images(self.vq.decode(codes)), codes=codes.cpu())
 
-    # --- image to text ----------------------------------------------------------------------
-
     def sample_base(self, ids: list[list[int]], candidates: int, sampling: dict, callback) -> Tensor:
         """Base-grid codes (B, h, w) for B prompts: the best of `candidates` samples each by caption_nll."""
         if candidates == 1:
@@ -388,6 +393,8 @@ class MarsPipeline:
         codes = generate_images(self.model, tried, **sampling, callback=callback)  # (B*N, h, w)
         nll = caption_nll(self.model, codes, tried).view(len(ids), candidates)  # (B, N)
         return codes.view(len(ids), candidates, *codes.shape[1:])[torch.arange(len(ids)), nll.argmin(1)]
+
+    # --- image to text ----------------------------------------------------------------------
 
     def encode_images(self, images: Sequence[Image.Image]) -> Tensor:
         """PIL images (any mode, any size) -> base-grid codes (B, h, w): transparency is flattened onto

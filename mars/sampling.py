@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mars.model import MarsModel, encode_texts, pad_sequences
+from mars.model import IGNORE_INDEX, MarsModel, build_batch, encode_texts, pad_sequences
 from mars.semvie import KVCache, ModalityRouter
 
 StepCallback = Callable[[int, int, Tensor], None]  # (step, total, codes so far (B, step + 1))
@@ -202,8 +202,6 @@ def caption_nll(model: MarsModel, codes: Tensor, token_ids: Sequence[Sequence[in
     Lower means the image fits the caption better: sampling several images per prompt and keeping
     the one whose caption is likeliest is self-reranking (CogView), with no other model involved.
     """
-    from mars.model import IGNORE_INDEX, build_batch
-
     batch = build_batch(model, [list(ids) for ids in token_ids], codes.cpu(), task="i2t")  # right-padded
     batch = {key: value.to(codes.device) for key, value in batch.items()}
     logits = model(batch["input_ids"], batch["attention_mask"]).logits[:, :-1].float()  # (B, T-1, V)

@@ -25,12 +25,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mars.eval import category_prompts
 from mars.model import build_qwen, is_trainable
 from mars.pipeline import PromptTokenizer
-from mars.shapes import render, write_eval_folder
+from mars.shapes import LANGS, render, write_eval_folder
 from mars.tokenizer import VocabMap, load_qwen_tokenizer
 from train.__main__ import find_resume_checkpoint
-from train.callbacks import FiniteLossGuard, eval_prompts, image_grid
+from train.callbacks import FiniteLossGuard, image_grid
 from train.codes import CodeBatches, CodeSampler, CodeSet, extract_codes, shapes_item
 from train.data import image_to_tensor, load_rgb
 from train.modules import MarsLitModule, shapes_caption_corpus
@@ -188,7 +189,7 @@ def test_code_batches_are_a_function_of_position(world):
 
 def test_stage0_vocabulary_covers_the_evaluation_prompts():
     vocab_map = VocabMap.from_texts(load_qwen_tokenizer(), shapes_caption_corpus(1000, 12345))  # the smoke setting
-    prompts = eval_prompts(600, seed=5)
+    prompts = [row["prompt"] for row in category_prompts(600, LANGS, seed=5)]
     assert {"en", "zh"} == {"zh" if any(ord(ch) > 127 for ch in p) else "en" for p in prompts}
     assert len(vocab_map) < 100 and not any(vocab_map.unk_id in vocab_map.encode(p) for p in prompts)
 

@@ -20,13 +20,13 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from einops import rearrange
 from lightning.pytorch.utilities import rank_zero_only
 
+from mars.eval import category_prompts
 from mars.sampling import generate_images
-from mars.shapes import CATEGORIES, LANGS, sample_example, score, summarize
+from mars.shapes import LANGS, score, summarize
 
 
 class FiniteLossGuard(L.Callback):
@@ -68,6 +68,7 @@ class EMAWeights(L.Callback):
         self.shadow: dict[str, torch.Tensor] = {}
         self.updates = 0
         self._pending: dict[str, torch.Tensor] | None = None  # restored from a checkpoint before the module exists
+        self._trained: dict[str, torch.Tensor] | None = None  # the trained weights while validation sees the EMA
 
     @staticmethod
     def _trainable(pl_module) -> dict[str, torch.nn.Parameter]:
@@ -92,38 +93,43 @@ class EMAWeights(L.Callback):
         for name, p in self._trainable(pl_module).items():
             self.shadow[name].lerp_(p.detach().float(), 1.0 - decay)
 
-    @contextmanager
-    def swapped_in(self, pl_module):
-        """The EMA weights in place of the trained ones for the duration of the block."""
-        params = self._trainable(pl_module)
-        saved = {name: p.detach().clone() for name, p in params.items()}
-        self._copy_into(params, self.shadow)
-        try:
-            yield
-        finally:
-            self._copy_into(params, saved)
+    @torch.no_grad()
+    def _swap_in(self, pl_module) -> dict[str, torch.Tensor]:
+        """Put the EMA weights in place of the trained ones; returns the trained ones."""
+        saved = {}
+        for name, p in self._trainable(pl_module).items():
+            saved[name] = p.detach().clone()
+            p.copy_(self.shadow[name])
+        return saved
 
     @staticmethod
     @torch.no_grad()
-    def _copy_into(params: dict, values: dict) -> None:
-        for name, p in params.items():
-            p.copy_(values[name])
+    def _restore(pl_module, saved: dict[str, torch.Tensor]) -> None:
+        for name, p in EMAWeights._trainable(pl_module).items():
+            p.copy_(saved[name])
+
+    @contextmanager
+    def swapped_in(self, pl_module):
+        """The EMA weights in place of the trained ones for the duration of the block."""
+        saved = self._swap_in(pl_module)
+        try:
+            yield
+        finally:
+            self._restore(pl_module, saved)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self.shadow and not trainer.sanity_checking:
-            self._validation = self.swapped_in(pl_module)
-            self._validation.__enter__()
+            self._trained = self._swap_in(pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        validation = getattr(self, "_validation", None)
-        if validation is not None:
-            self._validation = None
-            validation.__exit__(None, None, None)
+        if self._trained is not None:
+            self._restore(pl_module, self._trained)
+            self._trained = None
 
     def on_fit_end(self, trainer, pl_module) -> None:
         # Callbacks' on_fit_end runs before the module's, whose export then writes the average.
         if self.shadow:
-            self._copy_into(self._trainable(pl_module), self.shadow)
+            self._restore(pl_module, self.shadow)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
@@ -135,12 +141,6 @@ class EMAWeights(L.Callback):
 
 def ema_of(trainer) -> EMAWeights | None:
     return next((c for c in trainer.callbacks if isinstance(c, EMAWeights)), None)
-
-
-def eval_prompts(num_prompts: int, seed: int) -> list[str]:
-    """The spec's category prompts, cycling through the six categories, English and Chinese alternating."""
-    return [sample_example(np.random.default_rng([seed, i]), CATEGORIES[i % len(CATEGORIES)],
-                           LANGS[(i // len(CATEGORIES)) % 2]).prompt for i in range(num_prompts)]
 
 
 def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
@@ -193,7 +193,7 @@ class ShapesEvalCallback(L.Callback):
         model, tokenizer = pl_module.model, pl_module.prompt_tokenizer
         self.setup(trainer, pl_module, "fit")
         self.vq.to(pl_module.device)
-        prompts = eval_prompts(self.num_prompts, self.seed)
+        prompts = [row["prompt"] for row in category_prompts(self.num_prompts, LANGS, self.seed)]
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)  # never the global RNG
         was_training = model.training
         model.eval()

@@ -9,8 +9,10 @@
 The model is a bundle directory (--checkpoint, default checkpoints/mars-shapes) written by
 `python -m train.pipeline` or MarsPipeline.save_pretrained. With --prompts, line k (from 0) is
 sampled with seed --seed + k, recorded in prompts.jsonl: `python sample.py PROMPT --seed S` with the
-same sampling flags (--cfg, --temperature, --top-k, --top-p, --candidates, --num-images, --no-sr)
-reproduces it. Sampler flags left out take the bundle's tuned settings (model_index.json "sampling").
+same sampling flags (--cfg, --temperature, --top-k, --top-p, --candidates, --sr-cfg,
+--sr-temperature, --num-images, --no-sr) reproduces it. Sampler flags left out take the bundle's
+tuned settings (model_index.json "sampling"); --sr-cfg and --sr-temperature drive super-resolution,
+which the shipped model runs greedily (--sr-temperature 0) and without guidance (--sr-cfg 1).
 Bad input ends with a one-line error and exit code 2.
 Tests: `pytest tests/test_sample.py`.
 """

@@ -11,13 +11,16 @@ a step costs about the same at any k.
 
 Accuracy (with --checkpoint): shapes-world accuracy of the upsampled 256-px images against the
 128-px images they came from (goal: at most 0.02 below). --checkpoint takes a MarsPipeline bundle
-(low codes come from its base model, as in use) or one or more SuperResModel directories, one
-per k, with --vq (low codes are VQ encodings of rendered scenes). Tokenizer: the bundle's, or
---tokenizer DIR (default: the Qwen directory the SR model names).
+(low codes come from its base model, as in use; SuperResModel directories after it, one per
+other k, upsample the same codes) or SuperResModel directories alone, one per k, with --vq (low
+codes are VQ encodings of rendered scenes). Each stage samples with the
+bundle's settings (mars.pipeline.DEFAULT_SAMPLING for bare SR models); flags override them.
+Tokenizer: the bundle's, or --tokenizer DIR (default: the Qwen directory the SR model names).
 
     python -m benchmarks.superres                  # speed table, one thread, about 20 s
-    python -m benchmarks.superres --checkpoint runs/shapes/bundle --num-prompts 96
-    python -m benchmarks.superres --checkpoint runs/shapes/stage3/export --vq checkpoints/vq-shapes
+    python -m benchmarks.superres --checkpoint checkpoints/mars-shapes --num-prompts 96
+    python -m benchmarks.superres --checkpoint checkpoints/mars-shapes runs/shapes/superres-k1/export runs/shapes/superres-k16/export
+    python -m benchmarks.superres --checkpoint runs/shapes/superres/export --vq checkpoints/vq-shapes
 """
 
 from __future__ import annotations
@@ -107,20 +110,27 @@ def batches(n: int, size: int):
 
 @torch.inference_mode()
 def accuracy_table(args) -> list[str]:
-    from mars.pipeline import INDEX_FILE, MarsPipeline, PromptTokenizer
+    from mars.pipeline import DEFAULT_SAMPLING, INDEX_FILE, MarsPipeline, PromptTokenizer
     from mars.sampling import generate_images
     from mars.shapes import render
     from vq import VQTokenizer, images_to_tensor
 
     examples = eval_prompts(args.num_prompts, args.seed)
     prompts = [e.prompt for e in examples]
-    sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k)
     first = Path(args.checkpoint[0])
-    if (first / INDEX_FILE).is_file():
-        pipe = MarsPipeline.from_pretrained(first)
+    bundle = (first / INDEX_FILE).is_file()
+    pipe = MarsPipeline.from_pretrained(first) if bundle else None
+    given = dict(guidance_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
+                 sr_guidance_scale=args.sr_cfg, sr_temperature=args.sr_temperature)
+    settings = (pipe.sampling if bundle else DEFAULT_SAMPLING) | {k: v for k, v in given.items() if v is not None}
+    shared = dict(top_k=settings["top_k"] or None, top_p=settings["top_p"])
+    sampling = dict(guidance_scale=settings["guidance_scale"], temperature=settings["temperature"], **shared)
+    upsampling = dict(guidance_scale=settings["sr_guidance_scale"], temperature=settings["sr_temperature"], **shared)
+    if bundle:
         if pipe.superres is None:
             raise SystemExit(f"{first} has no super-resolution model: train stage 3 and re-export the bundle")
-        vq, tokenizer, models = pipe.vq, pipe.tokenizer, [pipe.superres]
+        extra = [SuperResModel.from_pretrained(path).eval() for path in args.checkpoint[1:]]  # other k, same base
+        vq, tokenizer, models = pipe.vq, pipe.tokenizer, [pipe.superres, *extra]
         base_images = lambda rows, g: generate_images(pipe.model, [tokenizer.encode(p) for p in rows],  # noqa: E731
                                                       generator=g, **sampling)
         source = "base model samples"
@@ -138,11 +148,11 @@ def accuracy_table(args) -> list[str]:
     generator = torch.Generator().manual_seed(args.seed)
     low = torch.cat([base_images(prompts[s], generator) for s in tqdm(batches(len(prompts), 16), desc="low codes")])
     low_score = accuracy(prompts, torch.cat([vq.decode(low[s]) for s in batches(len(low), 16)]))
-    lines = [f"low codes: {source}, {len(prompts)} prompts",
+    lines = [f"low codes: {source}, {len(prompts)} prompts; base sampling {sampling}, upsampling {upsampling}",
              f"low-res  {low.shape[-1] * vq.downsample} px  accuracy {low_score[0]:.3f}  strict {low_score[1]:.3f}"]
     for model in sorted(models, key=lambda m: m.config.group_size):
         high = torch.cat([upsample_codes(model, [tokenizer.encode(p) for p in prompts[s]], low[s], generator=generator,
-                                         **sampling) for s in tqdm(batches(len(low), 16), desc="upsample")])
+                                         **upsampling) for s in tqdm(batches(len(low), 16), desc="upsample")])
         score = accuracy(prompts, torch.cat([vq.decode(high[s]) for s in batches(len(high), 16)]))
         verdict = "ok" if score[0] >= low_score[0] - 0.02 else "FAILS the 0.02 goal"
         lines.append(f"k={model.config.group_size:<3d} {high.shape[-1] * vq.downsample} px  accuracy {score[0]:.3f}  "
@@ -157,21 +167,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="shipped", help="speed model: 'shipped' or a MarsConfig preset")
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="speed runs' guidance (default: mars.pipeline.DEFAULT_SAMPLING's sr_guidance_scale)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds over the k (the best counts)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (0: torch's default); one thread keeps the ratios steady on "
                              "a loaded machine, where two threads swung by up to 10x between runs")
-    parser.add_argument("--checkpoint", nargs="+", help="a MarsPipeline bundle, or SuperResModel directories")
+    parser.add_argument("--checkpoint", nargs="+",
+                        help="a MarsPipeline bundle (then SuperResModel directories of other k), or SuperResModel directories")
     parser.add_argument("--vq", help="VQ tokenizer directory (with SuperResModel directories)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the SR model's Qwen directory)")
     parser.add_argument("--num-prompts", type=int, default=96)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
+    accuracy = parser.add_argument_group("accuracy sampling (default: the bundle's settings)")
+    accuracy.add_argument("--cfg", type=float, default=None, help="base guidance scale")
+    accuracy.add_argument("--temperature", type=float, default=None, help="base temperature")
+    accuracy.add_argument("--top-k", type=int, default=None, help="top-k of both stages; 0: off")
+    accuracy.add_argument("--sr-cfg", type=float, default=None, help="super-resolution guidance scale")
+    accuracy.add_argument("--sr-temperature", type=float, default=None, help="super-resolution temperature")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.guidance_scale is None:
+        from mars.pipeline import DEFAULT_SAMPLING
+
+        args.guidance_scale = DEFAULT_SAMPLING["sr_guidance_scale"]
     seconds = speed(args.config, args.prompt_len, args.guidance_scale, args.repeats)
     print(f"speed: random {args.config} SR model, 8x8 -> 16x16 codes, prompt {args.prompt_len} tokens, "
           f"guidance {args.guidance_scale}, batch 1, torch threads {torch.get_num_threads()}")

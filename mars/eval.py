@@ -171,6 +171,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: bool = F
     parser.add_argument("--candidates", type=sampler_flag(int, "candidates"), default=None,
                         help="base images sampled per image kept: the one whose prompt the model's own "
                              "image-to-text finds likeliest (default: the model's)")
+    parser.add_argument("--sr-cfg", type=sampler_flag(float, "sr_guidance_scale"), default=None,
+                        help="guidance scale of super-resolution (default: the model's)")
+    parser.add_argument("--sr-temperature", type=sampler_flag(float, "sr_temperature"), default=None,
+                        help="temperature of super-resolution; 0 is greedy (default: the model's)")
     parser.add_argument("--no-sr", action="store_true", help="skip super-resolution: base images only (128 px)")
     if batch_size:
         parser.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="prompts per sampling call")
@@ -179,7 +183,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: bool = F
 def sampling_options(args: argparse.Namespace) -> dict:
     """MarsPipeline.__call__ keyword arguments from add_sampling_arguments' flags."""
     return dict(guidance_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                candidates=args.candidates,
+                candidates=args.candidates, sr_guidance_scale=args.sr_cfg, sr_temperature=args.sr_temperature,
                 super_resolution=not args.no_sr)
 
 
@@ -259,33 +263,51 @@ def sample_images(pipe, prompts: list[str], batch_size: int, seed: int, options:
 # the reported accuracy comes from prompts the settings were not chosen on.
 TUNING_GRID = {"guidance_scale": (2.0, 3.0, 5.0), "temperature": (0.7, 1.0), "top_k": (0, 16)}
 TUNING_CANDIDATES = (1, 4)
+SUPERRES_TUNING_GRID = {"sr_guidance_scale": (1.0, 3.0), "sr_temperature": (0.0, 0.7)}
 TUNING_SEED = 1_000_003
+
+
+def _ranked(results: list) -> list:
+    return sorted(results, key=lambda r: -(r[1]["overall"] + r[1]["overall_strict"]) / 2)
+
+
+def _grid(grid: dict) -> list[dict]:
+    import itertools
+
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def _trial(pipe, prompts: list[str], seed: int, batch_size: int, settings: dict) -> tuple[dict, dict]:
+    """(settings, summary) of one image per prompt sampled with `settings` (pipeline keywords)."""
+    images = sample_images(pipe, prompts, batch_size, seed, settings, progress=False)
+    shown = {k: v for k, v in settings.items() if k != "super_resolution"}
+    return shown, summarize([score(p, im) for p, im in zip(prompts, images)])
 
 
 def tune_sampling(pipe, n: int = 96, seed: int = TUNING_SEED, batch_size: int = 16, grid: dict | None = None,
                   candidates: tuple[int, ...] = TUNING_CANDIDATES, progress: bool = True) -> list[tuple[dict, dict]]:
-    """Sampler settings chosen on n category prompts (both languages, base images: super-resolution
-    uses the same settings) -> [(settings, summary)] best first by the mean of overall and strict accuracy.
+    """Base-stage sampler settings chosen on n category prompts (both languages, base images)
+    -> [(settings, summary)] best first by the mean of overall and strict accuracy.
 
     Every combination of `grid` (default TUNING_GRID) is sampled with one candidate, then the best
     of them with each number of `candidates` (self-reranking costs that many samples an image)."""
-    import itertools
-
-    grid = grid or TUNING_GRID
     prompts = [row["prompt"] for row in category_prompts(n, LANGS, seed)]
-
-    def trial(settings: dict) -> tuple[dict, dict]:
-        images = sample_images(pipe, prompts, batch_size, seed, settings | {"super_resolution": False},
-                               progress=False)
-        return settings, summarize([score(p, im) for p, im in zip(prompts, images)])
-
-    def ranked(results: list) -> list:
-        return sorted(results, key=lambda r: -(r[1]["overall"] + r[1]["overall_strict"]) / 2)
-
-    combos = [dict(zip(grid, values)) | {"candidates": 1} for values in itertools.product(*grid.values())]
-    results = ranked([trial(settings) for settings in tqdm(combos, desc="tuning the sampler", disable=not progress)])
+    trial = lambda settings: _trial(pipe, prompts, seed, batch_size, settings | {"super_resolution": False})  # noqa: E731
+    combos = [settings | {"candidates": 1} for settings in _grid(grid or TUNING_GRID)]
+    results = _ranked([trial(settings) for settings in tqdm(combos, desc="tuning the sampler", disable=not progress)])
     best = results[0][0]
-    return ranked(results + [trial(best | {"candidates": n}) for n in candidates if n != 1])
+    return _ranked(results + [trial(best | {"candidates": n}) for n in candidates if n != 1])
+
+
+def tune_superres(pipe, base: dict, n: int = 96, seed: int = TUNING_SEED, batch_size: int = 16,
+                  grid: dict | None = None, progress: bool = True) -> list[tuple[dict, dict]]:
+    """Super-resolution settings (default SUPERRES_TUNING_GRID) for the base settings `base`, scored on
+    the upsampled images of n category prompts -> [(settings, summary)] best first. The seed fixes the
+    base images, so every trial upsamples the same ones."""
+    prompts = [row["prompt"] for row in category_prompts(n, LANGS, seed)]
+    combos = _grid(grid or SUPERRES_TUNING_GRID)
+    return _ranked([_trial(pipe, prompts, seed, batch_size, base | settings)
+                    for settings in tqdm(combos, desc="tuning super-resolution", disable=not progress)])
 
 
 def write_image_folder(folder: Path, images: Iterable[Image.Image], records: Iterable[dict]) -> None:

@@ -75,6 +75,18 @@ def test_bundle_samples_images_of_the_right_size(smoke_run, pipe):
     assert isinstance(pipe.caption(out.images[0]), str)
 
 
+def test_the_bundle_takes_the_best_tuned_base_and_super_resolution_settings(smoke_run, pipe):
+    trials = json.loads((smoke_run / "sampling.json").read_text())
+    base = [t for t in trials if "sr_temperature" not in t["settings"]]
+    upsampling = [t for t in trials if "sr_temperature" in t["settings"]]
+    assert len(base) == 3 and len(upsampling) == (2 if pipe.superres is not None else 0)  # the smoke grids
+    best = upsampling[0] if upsampling else base[0]
+    rank = lambda t: (t["overall"] + t["overall_strict"]) / 2  # noqa: E731
+    assert rank(best) == max(map(rank, upsampling or base))
+    assert all(t["settings"].items() >= base[0]["settings"].items() for t in upsampling)  # on the best base
+    assert pipe.sampling == DEFAULT_SAMPLING | best["settings"] | {"top_k": best["settings"]["top_k"] or None}
+
+
 def test_every_stage_left_its_product_and_small_trainable_checkpoints(smoke_run):
     for stage in (*FIT_STAGES, "codes"):
         assert json.loads((smoke_run / stage / "DONE.json").read_text())["product"] == str(smoke_run / stage / "export")
@@ -231,7 +243,8 @@ def test_encode_prompts_rejects_empty_too_long_and_strictly_unseen_prompts(tiny_
 @pytest.mark.parametrize("settings", [
     dict(guidance_scale=float("nan")), dict(guidance_scale=-1.0), dict(guidance_scale=float("inf")),
     dict(temperature=-0.5), dict(temperature=float("nan")), dict(top_k=-1), dict(top_k=2.5), dict(top_p=0.0),
-    dict(top_p=1.5), dict(num_images_per_prompt=0), dict(candidates=0),
+    dict(top_p=1.5), dict(num_images_per_prompt=0), dict(candidates=0), dict(sr_temperature=-1.0),
+    dict(sr_guidance_scale=float("nan")),
 ])
 def test_bad_sampler_settings_fail_before_sampling(tiny_pipe, settings):
     steps = []
@@ -255,7 +268,8 @@ def test_a_float16_bundle_is_half_the_size_and_loads_the_rounded_weights_in_floa
 
 
 def test_the_bundle_sampler_settings_are_the_defaults_and_survive_save(tiny_pipe, tmp_path):
-    tuned = {"guidance_scale": 2.0, "temperature": 0.5, "top_k": 7, "top_p": 0.9, "candidates": 2}
+    tuned = {"guidance_scale": 2.0, "temperature": 0.5, "top_k": 7, "top_p": 0.9, "candidates": 2,
+             "sr_guidance_scale": 1.5, "sr_temperature": 0.8}
     pipe = MarsPipeline(tiny_pipe.model, tiny_pipe.vq, tiny_pipe.tokenizer, tiny_pipe.superres, tuned)
     assert pipe.sampling == tuned and tiny_pipe.sampling == DEFAULT_SAMPLING
     assert torch.equal(sample(pipe, seed=4).codes, sample(tiny_pipe, seed=4, **tuned).codes)
@@ -269,6 +283,23 @@ def test_the_bundle_sampler_settings_are_the_defaults_and_survive_save(tiny_pipe
     (tmp_path / "bundle" / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"model_index.json: temperature=-1 is out of range"):
         MarsPipeline.from_pretrained(tmp_path / "bundle")
+
+
+def test_super_resolution_samples_with_its_own_guidance_and_temperature(tiny_pipe):
+    from mars.superres import upsample_codes
+
+    ids = tiny_pipe.encode_prompts(["a red circle"])
+    generator = torch.Generator().manual_seed(3)
+    low = generate_images(tiny_pipe.model, ids, guidance_scale=2.0, temperature=0.9, top_k=5, generator=generator)
+    high = upsample_codes(tiny_pipe.superres, ids, low, guidance_scale=1.5, temperature=0.6, top_k=5,
+                          generator=generator)  # (1, 16, 16)
+    out = sample(tiny_pipe, seed=3, guidance_scale=2.0, temperature=0.9, top_k=5, sr_guidance_scale=1.5,
+                 sr_temperature=0.6)
+    assert torch.equal(out.codes, high)
+    # By default the same base codes are upsampled greedily without guidance.
+    default = sample(tiny_pipe, seed=3, guidance_scale=2.0, temperature=0.9, top_k=5)
+    greedy = upsample_codes(tiny_pipe.superres, ids, low, guidance_scale=1.0, temperature=0.0)
+    assert torch.equal(default.codes, greedy) and not torch.equal(greedy, high)
 
 
 def test_candidates_keep_the_sample_whose_prompt_the_model_captions_likeliest(tiny_pipe):

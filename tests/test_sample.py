@@ -65,6 +65,8 @@ def only_line(err: str) -> str:
     (["a circle", "--top-p", "0"], "argument --top-p: 0 is out of range"),
     (["a circle", "--temperature", "nan"], "argument --temperature: nan is out of range"),
     (["a circle", "--top-k", "-1"], "argument --top-k: -1 is out of range: use an integer >= 1, or 0 for off"),
+    (["a circle", "--sr-cfg", "-2"], "argument --sr-cfg: -2 is out of range: use a value >= 0"),
+    (["a circle", "--sr-temperature", "inf"], "argument --sr-temperature: inf is out of range"),
     (["a circle", "--num-images", "two"], "argument --num-images: 'two' is not an integer"),
     (["a circle", "--dtype", "float8"], "argument --dtype: invalid choice"),
     ([], "give exactly one of a prompt, --prompts FILE or --caption IMAGE (got 0)"),
@@ -144,7 +146,8 @@ def test_the_real_script_exits_2_without_a_traceback():
 
 def test_a_run_writes_a_256_px_png_with_progress_bars(capsys, tiny_bundle, tmp_path):  # real load
     code, out, err = run(capsys, "a red circle above a blue square", "--checkpoint", tiny_bundle,
-                         "-o", tmp_path / "deep" / "out.png", "--cfg", "2", "--top-k", "50", "--top-p", "0.9")
+                         "-o", tmp_path / "deep" / "out.png", "--cfg", "2", "--top-k", "50", "--top-p", "0.9",
+                         "--sr-cfg", "1.5", "--sr-temperature", "0.5")
     assert code == 0, err
     assert Image.open(tmp_path / "deep" / "out.png").size == (256, 256)
     assert "base: 100%" in err and "superres: 100%" in err and "64/64" in err
@@ -174,9 +177,9 @@ def test_num_images_writes_a_grid_of_the_single_files(capsys, reuse_tiny_pipe, t
 
 
 def test_same_seed_same_image_other_seed_other_image(capsys, reuse_tiny_pipe, tmp_path):
-    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        assert run(capsys, "a yellow square", "--seed", seed, "--checkpoint", reuse_tiny_pipe,
-                   "-o", tmp_path / f"{name}.png")[0] == 0
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):  # the random test model's greedy upsampling draws one
+        assert run(capsys, "a yellow square", "--seed", seed, "--checkpoint", reuse_tiny_pipe,  # image for any input
+                   "--sr-temperature", "1", "-o", tmp_path / f"{name}.png")[0] == 0
     assert np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "b.png"))
     assert not np.array_equal(pixels(tmp_path / "a.png"), pixels(tmp_path / "c.png"))
 

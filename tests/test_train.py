@@ -32,7 +32,7 @@ from mars.shapes import LANGS, render, write_eval_folder
 from mars.tokenizer import VocabMap, load_qwen_tokenizer
 from train.__main__ import find_resume_checkpoint
 from train.callbacks import FiniteLossGuard, image_grid
-from train.codes import CodeBatches, CodeSampler, CodeSet, extract_codes, shapes_item
+from train.codes import CodeBatches, CodeSampler, CodeSet, CodesDataModule, extract_codes, shapes_item
 from train.data import image_to_tensor, load_rgb
 from train.modules import MarsLitModule, shapes_caption_corpus
 from train.pipeline import Stage, load_stage_config
@@ -185,6 +185,20 @@ def test_code_batches_are_a_function_of_position(world):
         assert torch.equal(torch.cat([h[k]["codes_256"] for h in halves]), code_set.codes[256][joined].long())
 
 
+def test_strict_captions_keep_only_items_with_a_caption_of_the_kind(world):
+    records = CodeSet.load(world["codes"]).records
+    loose, strict = (CodesDataModule(str(world["codes"]), batch_size=8, captions="prompt", val_items=16,
+                                     strict_captions=flag) for flag in (False, True))
+    loose.setup(), strict.setup()
+    scenes = [r["index"] for r in records[:80] if r["category"] == "scene"]
+    assert scenes and len(strict.train_set.sampler.items) == 80 - len(scenes)
+    batches = [strict.train_set.make_batch(k) for k in range(20)]  # two epochs of the 64 kept items
+    assert all("prompt_en" in records[i]["captions"] for b in batches for i in b["index"].tolist())
+    assert any(i in scenes for k in range(20) for i in loose.train_set.make_batch(k)["index"].tolist())
+    captions = {c for b in batches for c in b["caption"]}
+    assert captions <= {text for r in records for key, text in r["captions"].items() if key.startswith("prompt")}
+
+
 # --- the stage modules ---------------------------------------------------------------------------
 
 def test_stage0_vocabulary_covers_the_evaluation_prompts():
@@ -328,8 +342,9 @@ def test_ddp_two_cpu_processes_equal_one_process_with_the_whole_batch(world, tmp
     ranks = [[json.loads(line) for line in (tmp_path / f"ddp_batches.{r}.jsonl").read_text().splitlines()]
              for r in range(2)]
     assert [len(r) for r in ranks] == [4, 4]
-    code_set_items = CodeSet.load(world["codes"])
-    reference = CodeBatches(CodeSampler(code_set_items, range(0, 80), 0, "mixed", "both"), 8, (128,))
+    reference = CodesDataModule(**config["data"]["init_args"] | {"batch_size": 8})  # the stage's data, one process
+    reference.setup()
+    reference = reference.train_set
     for step in range(4):  # the two ranks' rows are disjoint halves of the one-process batch
         assert ranks[0][step][2] + ranks[1][step][2] == reference.make_batch(step)["index"].tolist()
     (_, want), (checkpoint, got) = final_state(single), final_state(ddp)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -173,12 +173,15 @@ def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, siz
 
 # ----------------------------------------------------------------------------- reading
 
+def matching_captions(captions: dict[str, str], kind: str = "mixed", lang: str = "both") -> list[str]:
+    """The texts of a {"<kind>_<lang>": text} dict matching kind ("mixed" = any) and lang ("both" = any)."""
+    return [text for key, text in sorted(captions.items())
+            if kind in ("mixed", key.split("_")[0]) and lang in ("both", key.split("_")[-1])]
+
+
 def select_captions(captions: dict[str, str], kind: str = "mixed", lang: str = "both") -> list[str]:
-    """The texts of a {"<kind>_<lang>": text} dict matching kind ("mixed" = any) and lang ("both" = any);
-    all of them when none match, so an item always has a caption."""
-    chosen = [text for key, text in sorted(captions.items())
-              if kind in ("mixed", key.split("_")[0]) and lang in ("both", key.split("_")[-1])]
-    return chosen or [text for _, text in sorted(captions.items())]
+    """matching_captions, or all of the texts when none match, so an item always has a caption."""
+    return matching_captions(captions, kind, lang) or [text for _, text in sorted(captions.items())]
 
 
 class CodeSet:
@@ -274,7 +277,7 @@ def positions(batch: int, batch_size: int, rank: int, world: int) -> range:
 class CodeSampler:
     """Global position p -> (item index, caption): a fresh permutation of the items every epoch."""
 
-    def __init__(self, code_set: CodeSet, items: range, seed: int, kind: str, lang: str):
+    def __init__(self, code_set: CodeSet, items: Sequence[int], seed: int, kind: str, lang: str):
         self.code_set, self.items, self.seed, self.kind, self.lang = code_set, items, seed, kind, lang
         self._perm_epoch, self._perm = -1, None
 
@@ -307,10 +310,15 @@ class CodeBatches(IndexedBatches):
 
 class CodesDataModule(L.LightningDataModule):
     """CodeBatches from a codes directory for training; the last `val_items` items are held out
-    and `val_batches` fixed batches of them validate."""
+    and `val_batches` fixed batches of them validate.
+
+    strict_captions: only items with a caption of the chosen kind and language take part. A
+    `prompt` stage then skips the free scenes, whose descriptions (~100 tokens) would otherwise pad
+    nearly every batch of 10-token prompts to their length and double the cost of a step."""
 
     def __init__(self, path: str, batch_size: int = 32, sizes: tuple[int, ...] = (128,), captions: str = "mixed",
-                 lang: str = "both", val_items: int = 64, val_batches: int = 2, seed: int = 0, num_workers: int = 0):
+                 lang: str = "both", val_items: int = 64, val_batches: int = 2, seed: int = 0, num_workers: int = 0,
+                 strict_captions: bool = False):
         super().__init__()
         if captions not in ("mixed", *KINDS):
             raise ValueError(f"captions={captions!r}: use 'mixed' or one of {KINDS}")
@@ -329,8 +337,19 @@ class CodesDataModule(L.LightningDataModule):
         n = len(self.code_set)
         if n <= h.val_items:
             raise ValueError(f"{h.path} has {n} items but val_items={h.val_items}: extract more or lower val_items")
-        train = CodeSampler(self.code_set, range(0, n - h.val_items), h.seed, h.captions, h.lang)
-        val = CodeSampler(self.code_set, range(n - h.val_items, n), h.seed + 1, h.captions, h.lang)
+        records = self.code_set.records
+
+        def usable(items: range) -> Sequence[int]:
+            if not h.strict_captions:
+                return items
+            kept = [i for i in items if matching_captions(records[i]["captions"], h.captions, h.lang)]
+            if not kept:
+                raise ValueError(f"no item of {h.path} has a {h.captions!r} caption in {h.lang!r}: "
+                                 "set strict_captions false or choose another captions kind")
+            return kept
+
+        train = CodeSampler(self.code_set, usable(range(0, n - h.val_items)), h.seed, h.captions, h.lang)
+        val = CodeSampler(self.code_set, usable(range(n - h.val_items, n)), h.seed + 1, h.captions, h.lang)
         self.train_set = CodeBatches(train, h.batch_size, h.sizes)
         self.val_set = CodeBatches(val, h.batch_size, h.sizes)
 

@@ -172,18 +172,22 @@ class Runner:
 
     def tune_sampling(self, pipe) -> dict:
         """The bundle's default sampler settings: the best of mars.eval.TUNING_GRID on validation prompts
-        (a seed the evaluation does not use); every setting's scores go to DIR/sampling.json."""
-        from mars.eval import tune_sampling
+        (a seed the evaluation does not use), then super-resolution's (mars.eval.SUPERRES_TUNING_GRID) on
+        the upsampled images; every setting's scores go to DIR/sampling.json."""
+        from mars.eval import tune_sampling, tune_superres
 
         smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)},
                      candidates=(1, 2))
         results = tune_sampling(pipe, **(smoke if self.smoke else {}))
+        best = results[0][0]
+        if pipe.superres is not None:
+            smoke = dict(n=12, grid={"sr_guidance_scale": (1.0,), "sr_temperature": (0.0, 0.7)})
+            upsampled = tune_superres(pipe, best, **(smoke if self.smoke else {}))
+            results, best = results + upsampled, upsampled[0][0]  # the base settings and the best upsampling
         (self.out / "sampling.json").write_text(json.dumps(
             [{"settings": settings, "overall": summary["overall"], "overall_strict": summary["overall_strict"]}
              for settings, summary in results], indent=1) + "\n")
-        best, summary = results[0]
-        print(f"[pipeline] sampler settings {best}: overall {summary['overall']:.3f}, "
-              f"strict {summary['overall_strict']:.3f} on {summary['n']} validation prompts")
+        print(f"[pipeline] sampler settings {best}")
         return pipe.sampling | best | {"top_k": best.get("top_k") or None}
 
     def export_bundle(self) -> Path:

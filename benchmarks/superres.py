@@ -110,7 +110,7 @@ def batches(n: int, size: int):
 
 @torch.inference_mode()
 def accuracy_table(args) -> list[str]:
-    from mars.pipeline import DEFAULT_SAMPLING, INDEX_FILE, MarsPipeline, PromptTokenizer
+    from mars.pipeline import DEFAULT_SAMPLING, INDEX_FILE, MarsPipeline, PromptTokenizer, stage_sampling
     from mars.sampling import generate_images
     from mars.shapes import render
     from vq import VQTokenizer, images_to_tensor
@@ -123,9 +123,7 @@ def accuracy_table(args) -> list[str]:
     given = dict(guidance_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
                  sr_guidance_scale=args.sr_cfg, sr_temperature=args.sr_temperature)
     settings = (pipe.sampling if bundle else DEFAULT_SAMPLING) | {k: v for k, v in given.items() if v is not None}
-    shared = dict(top_k=settings["top_k"] or None, top_p=settings["top_p"])
-    sampling = dict(guidance_scale=settings["guidance_scale"], temperature=settings["temperature"], **shared)
-    upsampling = dict(guidance_scale=settings["sr_guidance_scale"], temperature=settings["sr_temperature"], **shared)
+    sampling, upsampling = stage_sampling(settings)
     if bundle:
         if pipe.superres is None:
             raise SystemExit(f"{first} has no super-resolution model: train stage 3 and re-export the bundle")

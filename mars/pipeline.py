@@ -167,6 +167,14 @@ def check_sampler_settings(**settings) -> None:
             raise ValueError(f"{name}={value!r} is out of range: use {wanted}")
 
 
+def stage_sampling(settings: dict) -> tuple[dict, dict]:
+    """Full sampler settings -> (base, super-resolution) sampler keywords: each stage's guidance and
+    temperature, top_k (0 = off) and top_p shared."""
+    shared = dict(top_k=settings["top_k"] or None, top_p=settings["top_p"])
+    return (dict(guidance_scale=settings["guidance_scale"], temperature=settings["temperature"], **shared),
+            dict(guidance_scale=settings["sr_guidance_scale"], temperature=settings["sr_temperature"], **shared))
+
+
 def sampler_defaults(sampling: dict | None) -> dict:
     """DEFAULT_SAMPLING updated by a bundle's "sampling" settings, checked (one-line ValueError)."""
     unknown = sorted(set(sampling or {}) - set(DEFAULT_SAMPLING))
@@ -376,20 +384,18 @@ class MarsPipeline:
                      candidates=candidates, sr_guidance_scale=sr_guidance_scale, sr_temperature=sr_temperature)
         settings = self.sampling | {name: value for name, value in given.items() if value is not None}
         check_sampler_settings(**settings, num_images_per_prompt=num_images_per_prompt)
-        top_k = settings["top_k"] or None  # 0: off
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given: pass a string or a list of strings")
         run_superres = super_resolution and self.superres is not None
         ids = [row for row in self.encode_prompts(prompts, run_superres) for _ in range(num_images_per_prompt)]
-        shared = dict(top_k=top_k, top_p=settings["top_p"], generator=generator)
-        sampling = dict(guidance_scale=settings["guidance_scale"], temperature=settings["temperature"], **shared)
-        codes = self.sample_base(ids, settings["candidates"], sampling, _phase(callback, "base"))  # (B, h, w)
+        sampling, upsampling = stage_sampling(settings)
+        codes = self.sample_base(ids, settings["candidates"], sampling | {"generator": generator},
+                                 _phase(callback, "base"))  # (B, h, w)
         if run_superres:
             from mars.superres import upsample_codes
 
-            codes = upsample_codes(self.superres, ids, codes, guidance_scale=settings["sr_guidance_scale"],
-                                   temperature=settings["sr_temperature"], **shared,
+            codes = upsample_codes(self.superres, ids, codes, **upsampling, generator=generator,
                                    callback=_phase(callback, "superres"))  # (B, 2h, 2w)
         return MarsPipelineOutput(images=tensor_to_images(self.vq.decode(codes)), codes=codes.cpu())
 

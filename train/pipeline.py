@@ -179,15 +179,16 @@ class Runner:
         smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)},
                      candidates=(1, 2))
         results = tune_sampling(pipe, **(smoke if self.smoke else {}))
-        best = results[0][0]
+        best, summary = results[0]
         if pipe.superres is not None:
             smoke = dict(n=12, grid={"sr_guidance_scale": (1.0,), "sr_temperature": (0.0, 0.7)})
             upsampled = tune_superres(pipe, best, **(smoke if self.smoke else {}))
-            results, best = results + upsampled, upsampled[0][0]  # the base settings and the best upsampling
+            results, (best, summary) = results + upsampled, upsampled[0]  # the base settings and the best upsampling
         (self.out / "sampling.json").write_text(json.dumps(
             [{"settings": settings, "overall": summary["overall"], "overall_strict": summary["overall_strict"]}
              for settings, summary in results], indent=1) + "\n")
-        print(f"[pipeline] sampler settings {best}")
+        print(f"[pipeline] sampler settings {best}: overall {summary['overall']:.3f}, "
+              f"strict {summary['overall_strict']:.3f} on {summary['n']} validation prompts")
         return pipe.sampling | best | {"top_k": best.get("top_k") or None}
 
     def export_bundle(self) -> Path:

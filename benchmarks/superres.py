@@ -1,7 +1,8 @@
 """Super-resolution speed and accuracy per group size k: 8x8 -> 16x16 codes (128 px -> 256 px).
 
 Speed (always, random weights): seconds per image of `upsample_codes` for k = 1, 4 and 16 with
-classifier-free guidance, one random Qwen shared by the three models, all timed in this run, and
+the default super-resolution guidance (none; --guidance-scale 3 times classifier-free guidance),
+one random Qwen shared by the three models, all timed in this run, and
 the ratio to k = 1; goal >= 3x at k = 4. The default model is the shipped one's architecture:
 the stage-0 text model of train/configs/shapes_text.yaml (Qwen3, hidden 256, 4 layers) and the
 codebook of vq_shapes.yaml; --config NAME takes a mars/config.py preset instead (e.g. bench-256).
@@ -13,14 +14,16 @@ Accuracy (with --checkpoint): shapes-world accuracy of the upsampled 256-px imag
 128-px images they came from (goal: at most 0.02 below). --checkpoint takes a MarsPipeline bundle
 (low codes come from its base model, as in use; SuperResModel directories after it, one per
 other k, upsample the same codes) or SuperResModel directories alone, one per k, with --vq (low
-codes are VQ encodings of rendered scenes). Each stage samples with the
-bundle's settings (mars.pipeline.DEFAULT_SAMPLING for bare SR models); flags override them.
-Tokenizer: the bundle's, or --tokenizer DIR (default: the Qwen directory the SR model names).
+codes are VQ encodings of rendered scenes: the upsampler's own fidelity, free of base-stage
+mistakes). Each stage samples with the bundle's settings (mars.pipeline.DEFAULT_SAMPLING for bare
+SR models); flags override them; every model upsamples with the same seed. Tokenizer: the bundle's,
+or --tokenizer DIR (default: the bundle's tokenizer/ beside a bundle's superres/, else the Qwen
+directory the SR model names).
 
     python -m benchmarks.superres                  # speed table, one thread, about 20 s
     python -m benchmarks.superres --checkpoint checkpoints/mars-shapes --num-prompts 96
     python -m benchmarks.superres --checkpoint checkpoints/mars-shapes runs/shapes/superres-k1/export runs/shapes/superres-k16/export
-    python -m benchmarks.superres --checkpoint runs/shapes/superres/export --vq checkpoints/vq-shapes
+    python -m benchmarks.superres --checkpoint checkpoints/mars-shapes/superres --vq checkpoints/vq-shapes
 """
 
 from __future__ import annotations
@@ -138,7 +141,9 @@ def accuracy_table(args) -> list[str]:
         vq = VQTokenizer.from_pretrained(args.vq)
         models = [SuperResModel.from_pretrained(path).eval() for path in args.checkpoint]
         text_model = json.loads((first / "mars_config.json").read_text())["text_model"]
-        tokenizer = PromptTokenizer.from_pretrained(args.tokenizer or first / text_model)
+        in_bundle = first.parent / "tokenizer"  # a bundle's superres/ keeps its tokenizer beside the Qwen
+        default = in_bundle if (in_bundle / "tokenizer.json").is_file() else first / text_model
+        tokenizer = PromptTokenizer.from_pretrained(args.tokenizer or default)
         size = models[0].config.low_grid[0] * vq.downsample
         base_images = lambda rows, g: vq.encode(images_to_tensor(  # noqa: E731
             [render(examples[prompts.index(p)].scene, size) for p in rows]))
@@ -148,13 +153,17 @@ def accuracy_table(args) -> list[str]:
     low_score = accuracy(prompts, torch.cat([vq.decode(low[s]) for s in batches(len(low), 16)]))
     lines = [f"low codes: {source}, {len(prompts)} prompts; base sampling {sampling}, upsampling {upsampling}",
              f"low-res  {low.shape[-1] * vq.downsample} px  accuracy {low_score[0]:.3f}  strict {low_score[1]:.3f}"]
-    for model in sorted(models, key=lambda m: m.config.group_size):
+    paths = [Path(p) for p in args.checkpoint]
+    if bundle:
+        paths[0] = first / "superres"
+    for model, path in sorted(zip(models, paths), key=lambda pair: pair[0].config.group_size):
+        generator = torch.Generator().manual_seed(args.seed + 1)  # every model upsamples with the same draws
         high = torch.cat([upsample_codes(model, [tokenizer.encode(p) for p in prompts[s]], low[s], generator=generator,
                                          **upsampling) for s in tqdm(batches(len(low), 16), desc="upsample")])
         score = accuracy(prompts, torch.cat([vq.decode(high[s]) for s in batches(len(high), 16)]))
         verdict = "ok" if score[0] >= low_score[0] - 0.02 else "FAILS the 0.02 goal"
         lines.append(f"k={model.config.group_size:<3d} {high.shape[-1] * vq.downsample} px  accuracy {score[0]:.3f}  "
-                     f"strict {score[1]:.3f}  ({score[0] - low_score[0]:+.3f}, {verdict})")
+                     f"strict {score[1]:.3f}  ({score[0] - low_score[0]:+.3f}, {verdict})  {path}")
     missing = sorted(set(GROUP_SIZES) - {m.config.group_size for m in models})
     if missing:
         lines.append(f"no checkpoint for k={missing}: pass one SuperResModel directory per k to score them")

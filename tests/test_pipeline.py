@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -88,8 +89,13 @@ def test_the_bundle_takes_the_best_tuned_base_and_super_resolution_settings(smok
 
 
 def test_every_stage_left_its_product_and_small_trainable_checkpoints(smoke_run):
-    for stage in (*FIT_STAGES, "codes"):
+    for stage in (*FIT_STAGES, "codes", "codes-superres"):
         assert json.loads((smoke_run / stage / "DONE.json").read_text())["product"] == str(smoke_run / stage / "export")
+    for stage, codes, sizes in (("stage2", "codes", [128]), ("superres", "codes-superres", [128, 256])):
+        if (smoke_run / stage).is_dir():  # each stage reads its own codes: many base-size scenes, fewer pairs
+            config = yaml.safe_load((smoke_run / stage / "config.yaml").read_text())
+            assert config["data"]["init_args"]["path"] == str(smoke_run / codes / "export")
+            assert json.loads((smoke_run / codes / "export" / "meta.json").read_text())["sizes"] == sizes
     for stage in ("stage1", "stage2"):
         checkpoint = torch.load(smoke_run / stage / "checkpoints" / "last.ckpt", weights_only=True)
         exported = load_file(smoke_run / stage / "export" / "mars_trainable.safetensors")

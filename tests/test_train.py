@@ -129,6 +129,13 @@ def test_codes_match_a_fresh_encoding_and_captions_are_bilingual(world):
         assert code_set.captions(index, kind="scene", lang="zh") == [captions["scene_zh"]]
 
 
+def test_codes_rendered_by_workers_match_in_process(world, tmp_path):
+    extract_codes(world["vq"], tmp_path / "codes", n=20, sizes=(128,), seed=3, batch_size=6, num_workers=2)
+    parallel, serial = CodeSet.load(tmp_path / "codes"), CodeSet.load(world["codes"])
+    assert torch.equal(parallel.codes[128], serial.codes[128][:20])  # same items, same order
+    assert parallel.records == serial.records[:20]
+
+
 def test_codes_from_an_image_folder(world, tmp_path):
     write_eval_folder(tmp_path / "images", n=5, size=128, seed=0)
     extract_codes(world["vq"], tmp_path / "codes", n=None, sizes=(64, 128), source="folder",

@@ -77,12 +77,23 @@ def shapes_item(seed: int, index: int, free_scene_ratio: float = 0.25) -> tuple:
     return scene, category, captions
 
 
-def _shapes_batches(n: int, sizes: list[int], seed: int, batch_size: int) -> Iterator[tuple[dict, list[dict]]]:
-    for first in range(0, n, batch_size):
-        items = [shapes_item(seed, i) for i in range(first, min(n, first + batch_size))]
+class ShapesBatches(torch.utils.data.Dataset):
+    """Shapes-world items 0..N-1 rendered at every size, one batch an index: a DataLoader's workers
+    render batches in parallel (rendering, not VQ encoding, is the bottleneck on a GPU) and hand them
+    back in order."""
+
+    def __init__(self, n: int, sizes: list[int], seed: int, batch_size: int):
+        self.n, self.sizes, self.seed, self.batch_size = n, sizes, seed, batch_size
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __getitem__(self, batch: int) -> tuple[dict, list[dict]]:
+        first = batch * self.batch_size
+        items = [shapes_item(self.seed, i) for i in range(first, min(self.n, first + self.batch_size))]
         images = {size: torch.stack([image_to_tensor(render(scene, size), size) for scene, _, _ in items])
-                  for size in sizes}
-        yield images, [{"category": category, "captions": captions} for _, category, captions in items]
+                  for size in self.sizes}  # size -> (B, 3, size, size)
+        return images, [{"category": category, "captions": captions} for _, category, captions in items]
 
 
 def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) -> Iterator[tuple[dict, list[dict]]]:
@@ -115,11 +126,12 @@ def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) 
 @torch.no_grad()
 def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, sizes: tuple[int, ...] = (128, 256),
                   seed: int = 0, batch_size: int = 64, source: str = "shapes", path: str | None = None,
-                  device: str = "cpu") -> Path:
+                  device: str = "cpu", num_workers: int = 0) -> Path:
     """Encode N images at every size with the VQ tokenizer in `vq_dir` and write the codes directory `out`.
 
     source "shapes" renders shapes-world items 0..N-1 (seeded); "folder"/"webdataset" read `path`
     (train/data.py formats; n=None reads everything). Written atomically: `out` appears complete or not at all.
+    num_workers > 0 renders shapes-world batches in that many processes (the codes are the same).
     """
     from vq import VQTokenizer
 
@@ -136,7 +148,8 @@ def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, siz
     if source == "shapes":
         if n is None or n < 1:
             raise ValueError(f"n={n}: the shapes source needs a positive number of images")
-        batches, total = _shapes_batches(n, sizes, seed, batch_size), n
+        batches = DataLoader(ShapesBatches(n, sizes, seed, batch_size), batch_size=None, num_workers=num_workers)
+        total = n
     elif source in ("folder", "webdataset"):
         if path is None:
             raise ValueError(f"source={source!r} needs path= (a captions.jsonl folder or tar shards)")
@@ -414,9 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--source", choices=("shapes", "folder", "webdataset"), default="shapes")
     parser.add_argument("--path", help="image folder with captions.jsonl, or tar shards (source folder/webdataset)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-workers", type=int, default=0, help="processes rendering shapes-world batches")
     args = parser.parse_args(argv)
     out = extract_codes(args.vq, args.out, args.n or None, tuple(args.sizes), args.seed, args.batch_size,
-                        args.source, args.path, args.device)
+                        args.source, args.path, args.device, args.num_workers)
     print(f"wrote {out}")
 
 

@@ -5,7 +5,8 @@
     python -m train.pipeline --preset shapes --vq checkpoints/vq-shapes   # reuse a trained VQ tokenizer
 
 Stages of the shapes preset: text (stage 0, a small Qwen LM; skipped with --text-model DIR),
-vq (skipped with --vq DIR), codes (extracted once), stage1 (alignment, t2i + i2t), stage2 (t2i
+vq (skipped with --vq DIR), codes (extracted once: many scenes at the base size) and codes-superres
+(fewer scenes at both sizes, for super-resolution), stage1 (alignment, t2i + i2t), stage2 (t2i
 refinement, caption dropout) and superres (stage 3, when train/configs/shapes_stage3_superres.yaml exists).
 
 Each fit stage is the documented command, run as a subprocess:
@@ -42,13 +43,16 @@ class Stage:
     kind: str = "fit"  # "fit" (a Lightning run) or "codes" (extraction)
     init_from: str | None = None  # the stage whose export model.init_args.init_from points at
     smoke: str | None = None  # overlay in train/configs/smoke/ (default: the same file name as `config`)
+    codes: str = "codes"  # the codes stage whose export data.init_args.path points at
 
 
 PRESETS = {
     "shapes": (Stage("text", "shapes_text.yaml"), Stage("vq", "vq_shapes.yaml"),
-               Stage("codes", "shapes_codes.yaml", kind="codes"), Stage("stage1", "shapes_stage1.yaml"),
-               Stage("stage2", "shapes_stage2.yaml", init_from="stage1"),
-               Stage("superres", "shapes_stage3_superres.yaml", init_from="stage2", smoke="shapes_stage3.yaml")),
+               Stage("codes", "shapes_codes.yaml", kind="codes"),
+               Stage("codes-superres", "shapes_codes_superres.yaml", kind="codes"),
+               Stage("stage1", "shapes_stage1.yaml"), Stage("stage2", "shapes_stage2.yaml", init_from="stage1"),
+               Stage("superres", "shapes_stage3_superres.yaml", init_from="stage2", smoke="shapes_stage3.yaml",
+                     codes="codes-superres")),
 }
 
 
@@ -102,8 +106,8 @@ class Runner:
         model_args["export_dir"] = str(root / "export")
         if "text_model" in model_args:
             model_args["text_model"] = str(self.products["text"])
-        if "path" in data_args and "codes" in self.products:
-            data_args["path"] = str(self.products["codes"])
+        if "path" in data_args and stage.codes in self.products:
+            data_args["path"] = str(self.products[stage.codes])
         if "codebook_size" in model_args and "vq" in self.products:  # whatever VQ this run uses
             vq_config = json.loads((self.products["vq"] / "config.json").read_text())
             model_args["codebook_size"] = vq_config["codebook_size"]
@@ -167,8 +171,12 @@ class Runner:
 
         for stale in (product.with_name(product.name + ".partial"), product):
             shutil.rmtree(stale, ignore_errors=True)  # a killed extraction restarts: it is one pass
+        import torch
+
+        workers = config.get("num_workers", min(16, len(os.sched_getaffinity(0)) - 1))  # rendering in parallel
         extract_codes(self.products["vq"], product, n=config["n"], sizes=tuple(config["sizes"]),
-                      seed=config.get("seed", 0), batch_size=config.get("batch_size", 64))
+                      seed=config.get("seed", 0), batch_size=config.get("batch_size", 64),
+                      device="cuda" if torch.cuda.is_available() else "cpu", num_workers=workers)
 
     def tune_sampling(self, pipe) -> dict:
         """The bundle's default sampler settings: the best of mars.eval.TUNING_GRID on validation prompts
@@ -199,8 +207,8 @@ class Runner:
 
         pipe = MarsPipeline.from_parts(self.products["text"], self.products["stage2"], self.products["vq"],
                                        superres=self.products.get("superres"))
-        pipe.sampling = self.tune_sampling(pipe)
-        bundle = pipe.save_pretrained(self.out / "bundle", dtype=torch.float16)  # fp16 to ship: half the size
+        pipe.sampling = self.tune_sampling(pipe.to("cuda" if torch.cuda.is_available() else "cpu"))
+        bundle = pipe.to("cpu").save_pretrained(self.out / "bundle", dtype=torch.float16)  # fp16 to ship: half the size
         with torch.inference_mode():  # prove it loads and samples before calling it done
             image = MarsPipeline.from_pretrained(bundle)("a red circle", generator=torch.Generator().manual_seed(0))
         print(f"[pipeline] bundle written to {bundle} (sample image {image.images[0].size[0]} px)")

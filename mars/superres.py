@@ -254,18 +254,21 @@ class SuperResModel(nn.Module):
     # --- forward --------------------------------------------------------------------------------
 
     def forward(self, prompt_ids: Tensor, prompt_mask: Tensor | None, low_codes: Tensor,
-                high_codes: Tensor) -> SuperResOutput:
+                high_codes: Tensor, history_codes: Tensor | None = None) -> SuperResOutput:
         """Teacher-forced logits of every high-resolution code, and their mean cross-entropy.
 
         prompt_ids (B, P) left-padded, prompt_mask (B, P) bool (None: no padding), low_codes
         (B, h, w), high_codes (B, 2h, 2w) -> logits (B, N, codebook) in decoding order.
+        history_codes (B, 2h, 2w): what each group reads as its predecessor's codes (default
+        high_codes; a corrupted copy in training, see build_superres_batch).
         """
         self.check_codes(low_codes, self.config.low_grid, "low_codes")
         self.check_codes(high_codes, self.config.high_grid, "high_codes")
         k, batch = self.config.group_size, len(prompt_ids)
         x_prefix, prefix_is_image, low_embeddings = self.embed_prefix(prompt_ids, low_codes)
         targets = to_group_order(high_codes, self.config)  # (B, N)
-        groups = targets.view(batch, self.config.num_groups, k)
+        history = targets if history_codes is None else to_group_order(history_codes, self.config)
+        groups = history.view(batch, self.config.num_groups, k)
         queries = self.slot_queries(low_embeddings)
         x_start = self.group_inputs(queries, None, 0)
         x_rest = self.group_inputs(queries, groups[:, :-1], 1)  # shift by one group
@@ -304,25 +307,37 @@ def positions_of(valid: Tensor) -> Tensor:
 
 def build_superres_batch(model: SuperResModel, texts: Sequence[str] | Sequence[Sequence[int]], low_codes: Tensor,
                          high_codes: Tensor, *, tokenizer=None, caption_dropout: float = 0.0,
-                         low_code_noise: float = 0.0, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                         low_code_noise: float = 0.0, history_noise: float = 0.0,
+                         generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Forward's keyword arguments for a training batch.
 
     caption_dropout: a prompt becomes empty with this probability (the CFG unconditional).
     low_code_noise: each low code is replaced by a uniformly random one with this probability, so
     the stage learns to correct the base stage's mistakes instead of copying them.
+    history_noise: the same for the high codes each group reads as its predecessor's (the targets
+    stay exact), so one wrong code is not copied block after block: the parent code decides.
     """
     token_ids = encode_texts(model.mars, texts, tokenizer)
     if caption_dropout > 0:
         dropped = torch.rand(len(token_ids), generator=generator) < caption_dropout
         token_ids = [[] if drop else ids for ids, drop in zip(token_ids, dropped.tolist())]
-    if low_code_noise > 0:
-        noisy = torch.rand(low_codes.shape, generator=generator) < low_code_noise
-        random_codes = torch.randint(0, model.mars.config.codebook_size, low_codes.shape, generator=generator)
-        low_codes = torch.where(noisy.to(low_codes.device), random_codes.to(low_codes), low_codes)
+    low_codes = replace_at_random(low_codes, low_code_noise, model.mars.config.codebook_size, generator)
     prompt_ids, prompt_mask = pad_sequences(token_ids, pad_id=0, side="left")
     device = low_codes.device
-    return {"prompt_ids": prompt_ids.to(device), "prompt_mask": prompt_mask.to(device),
-            "low_codes": low_codes, "high_codes": high_codes}
+    batch = {"prompt_ids": prompt_ids.to(device), "prompt_mask": prompt_mask.to(device),
+             "low_codes": low_codes, "high_codes": high_codes}
+    if history_noise > 0:
+        batch["history_codes"] = replace_at_random(high_codes, history_noise, model.mars.config.codebook_size, generator)
+    return batch
+
+
+def replace_at_random(codes: Tensor, rate: float, codebook_size: int, generator: torch.Generator | None) -> Tensor:
+    """Each code replaced by a uniformly random one with probability `rate` (0: `codes` itself)."""
+    if rate <= 0:
+        return codes
+    noisy = torch.rand(codes.shape, generator=generator) < rate
+    random_codes = torch.randint(0, codebook_size, codes.shape, generator=generator)
+    return torch.where(noisy.to(codes.device), random_codes.to(codes), codes)
 
 
 # --- sampling ---------------------------------------------------------------------------------

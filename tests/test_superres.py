@@ -288,6 +288,24 @@ def test_batch_builder_noise_and_caption_dropout():
     assert all(torch.equal(noisy[key], again[key]) for key in noisy)
 
 
+def test_history_noise_corrupts_what_groups_read_never_the_targets():
+    model, low, high = tiny().eval(), codes((4, 4, 4)), codes((4, 8, 8))
+    texts = [[5, 6]] * 4
+    clean = build_superres_batch(model, texts, low, high)
+    assert "history_codes" not in clean  # forward reads the targets themselves
+    noisy = build_superres_batch(model, texts, low, high, history_noise=0.5, generator=seeded())
+    changed = (noisy["history_codes"] != high).float().mean()
+    assert 0.3 < changed < 0.6 and torch.equal(noisy["high_codes"], high) and torch.equal(noisy["low_codes"], low)
+    with torch.no_grad():
+        exact, same = model(**clean), model(**clean, history_codes=high)
+        corrupted = model(**noisy)
+    assert torch.equal(exact.logits, same.logits)
+    # Group 0 reads the start embedding, not a predecessor: only later groups see the corruption.
+    k = model.config.group_size
+    assert torch.equal(corrupted.logits[:, :k], exact.logits[:, :k])
+    assert not torch.allclose(corrupted.logits[:, k:], exact.logits[:, k:])
+
+
 def test_backward_reaches_only_the_trainable_parts():
     model = tiny().train()
     batch = build_superres_batch(model, PROMPTS, codes((3, 4, 4)), codes((3, 8, 8)))

@@ -116,17 +116,18 @@ class SuperResLitModule(L.LightningModule):
 
     def __init__(self, text_model: str, tokenizer: str | None = None, init_from: str | None = None,
                  group_size: int = 4, low_grid: tuple[int, int] = (8, 8), codebook_size: int = 1024,
-                 caption_dropout: float = 0.1, low_code_noise: float = 0.05, optim: OptimConfig | None = None,
-                 export_dir: str | None = None):
+                 caption_dropout: float = 0.1, low_code_noise: float = 0.05, history_noise: float = 0.0,
+                 optim: OptimConfig | None = None, export_dir: str | None = None):
         super().__init__()
-        if not 0.0 <= caption_dropout < 1.0 or not 0.0 <= low_code_noise < 1.0:
-            raise ValueError(f"caption_dropout={caption_dropout} and low_code_noise={low_code_noise} "
-                             "must lie in [0, 1)")
+        rates = {"caption_dropout": caption_dropout, "low_code_noise": low_code_noise, "history_noise": history_noise}
+        if not all(0.0 <= rate < 1.0 for rate in rates.values()):
+            raise ValueError(f"{', '.join(f'{k}={v}' for k, v in rates.items())} must each lie in [0, 1)")
         self.optim = optim or OptimConfig()
         self.save_hyperparameters({
             "text_model": text_model, "tokenizer": tokenizer, "init_from": init_from, "group_size": group_size,
             "low_grid": list(low_grid), "codebook_size": codebook_size, "caption_dropout": caption_dropout,
-            "low_code_noise": low_code_noise, "optim": asdict(self.optim), "export_dir": export_dir})
+            "low_code_noise": low_code_noise, "history_noise": history_noise, "optim": asdict(self.optim),
+            "export_dir": export_dir})
         self.model = build_model(text_model, init_from, group_size, tuple(low_grid), codebook_size)
         self.prompt_tokenizer = PromptTokenizer.from_pretrained(tokenizer or text_model)
         self.strict_loading = False  # checkpoints hold the trainable weights only (on_save_checkpoint)
@@ -149,7 +150,8 @@ class SuperResLitModule(L.LightningModule):
             self.model, [self.prompt_tokenizer.encode(text) for text in batch["caption"]],
             batch["low_codes"].long(), batch["high_codes"].long(),
             caption_dropout=h.caption_dropout if train else 0.0,
-            low_code_noise=h.low_code_noise if train else 0.0, generator=generator)
+            low_code_noise=h.low_code_noise if train else 0.0,
+            history_noise=h.get("history_noise", 0.0) if train else 0.0, generator=generator)
         return self.model(**inputs), inputs
 
     def training_step(self, batch, batch_idx):

@@ -132,8 +132,9 @@ def accuracy_table(args) -> list[str]:
             raise SystemExit(f"{first} has no super-resolution model: train stage 3 and re-export the bundle")
         extra = [SuperResModel.from_pretrained(path).eval() for path in args.checkpoint[1:]]  # other k, same base
         vq, tokenizer, models = pipe.vq, pipe.tokenizer, [pipe.superres, *extra]
-        base_images = lambda rows, g: generate_images(pipe.model, [tokenizer.encode(p) for p in rows],  # noqa: E731
-                                                      generator=g, **sampling)
+
+        def base_images(rows, g):
+            return generate_images(pipe.model, [tokenizer.encode(e.prompt) for e in rows], generator=g, **sampling)
         source = "base model samples"
     else:
         if args.vq is None:
@@ -145,11 +146,12 @@ def accuracy_table(args) -> list[str]:
         default = in_bundle if (in_bundle / "tokenizer.json").is_file() else first / text_model
         tokenizer = PromptTokenizer.from_pretrained(args.tokenizer or default)
         size = models[0].config.low_grid[0] * vq.downsample
-        base_images = lambda rows, g: vq.encode(images_to_tensor(  # noqa: E731
-            [render(examples[prompts.index(p)].scene, size) for p in rows]))
+
+        def base_images(rows, g):  # the exact codes of the scenes each prompt was drawn with
+            return vq.encode(images_to_tensor([render(e.scene, size) for e in rows]))
         source = f"VQ codes of rendered {size}-px scenes"
     generator = torch.Generator().manual_seed(args.seed)
-    low = torch.cat([base_images(prompts[s], generator) for s in tqdm(batches(len(prompts), 16), desc="low codes")])
+    low = torch.cat([base_images(examples[s], generator) for s in tqdm(batches(len(prompts), 16), desc="low codes")])
     low_score = accuracy(prompts, torch.cat([vq.decode(low[s]) for s in batches(len(low), 16)]))
     lines = [f"low codes: {source}, {len(prompts)} prompts; base sampling {sampling}, upsampling {upsampling}",
              f"low-res  {low.shape[-1] * vq.downsample} px  accuracy {low_score[0]:.3f}  strict {low_score[1]:.3f}"]

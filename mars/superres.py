@@ -327,7 +327,8 @@ def build_superres_batch(model: SuperResModel, texts: Sequence[str] | Sequence[S
     batch = {"prompt_ids": prompt_ids.to(device), "prompt_mask": prompt_mask.to(device),
              "low_codes": low_codes, "high_codes": high_codes}
     if history_noise > 0:
-        batch["history_codes"] = replace_at_random(high_codes, history_noise, model.mars.config.codebook_size, generator)
+        size = model.mars.config.codebook_size
+        batch["history_codes"] = replace_at_random(high_codes, history_noise, size, generator)
     return batch
 
 

@@ -126,7 +126,7 @@ def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) 
 @torch.no_grad()
 def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, sizes: tuple[int, ...] = (128, 256),
                   seed: int = 0, batch_size: int = 64, source: str = "shapes", path: str | None = None,
-                  device: str = "cpu", num_workers: int = 0) -> Path:
+                  device: str | torch.device = "cpu", num_workers: int = 0) -> Path:
     """Encode N images at every size with the VQ tokenizer in `vq_dir` and write the codes directory `out`.
 
     source "shapes" renders shapes-world items 0..N-1 (seeded); "folder"/"webdataset" read `path`

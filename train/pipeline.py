@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import shutil
@@ -151,6 +152,13 @@ class Runner:
         self.products[stage.name] = product
         print(f"[pipeline] {stage.name}: finished in {seconds:.1f} s", flush=True)
 
+    @functools.cached_property
+    def device(self):
+        """Where extraction and sampler tuning run: the GPU when there is one (torch loads on first use)."""
+        from mars.eval import resolve_device
+
+        return resolve_device(None)
+
     def current_inputs(self) -> dict[str, str]:
         """What a stage starting now is built from: every earlier stage's product."""
         return {name: str(path) for name, path in self.products.items()}
@@ -171,12 +179,10 @@ class Runner:
 
         for stale in (product.with_name(product.name + ".partial"), product):
             shutil.rmtree(stale, ignore_errors=True)  # a killed extraction restarts: it is one pass
-        import torch
-
         workers = config.get("num_workers", min(16, len(os.sched_getaffinity(0)) - 1))  # rendering in parallel
         extract_codes(self.products["vq"], product, n=config["n"], sizes=tuple(config["sizes"]),
                       seed=config.get("seed", 0), batch_size=config.get("batch_size", 64),
-                      device="cuda" if torch.cuda.is_available() else "cpu", num_workers=workers)
+                      device=self.device, num_workers=workers)
 
     def tune_sampling(self, pipe) -> dict:
         """The bundle's default sampler settings: the best of mars.eval.TUNING_GRID on validation prompts
@@ -207,7 +213,7 @@ class Runner:
 
         pipe = MarsPipeline.from_parts(self.products["text"], self.products["stage2"], self.products["vq"],
                                        superres=self.products.get("superres"))
-        pipe.sampling = self.tune_sampling(pipe.to("cuda" if torch.cuda.is_available() else "cpu"))
+        pipe.sampling = self.tune_sampling(pipe.to(self.device))
         bundle = pipe.to("cpu").save_pretrained(self.out / "bundle", dtype=torch.float16)  # fp16 to ship: half the size
         with torch.inference_mode():  # prove it loads and samples before calling it done
             image = MarsPipeline.from_pretrained(bundle)("a red circle", generator=torch.Generator().manual_seed(0))

@@ -151,7 +151,7 @@ class SuperResLitModule(L.LightningModule):
             batch["low_codes"].long(), batch["high_codes"].long(),
             caption_dropout=h.caption_dropout if train else 0.0,
             low_code_noise=h.low_code_noise if train else 0.0,
-            history_noise=h.get("history_noise", 0.0) if train else 0.0, generator=generator)
+            history_noise=h.history_noise if train else 0.0, generator=generator)
         return self.model(**inputs), inputs
 
     def training_step(self, batch, batch_idx):

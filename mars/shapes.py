@@ -278,6 +278,30 @@ def scene_for_spec(rng: np.random.Generator, spec: PromptSpec) -> Scene:
             return scene
 
 
+def scene_prompts(scene: Scene) -> list[PromptSpec]:
+    """Every category prompt that `scene` passes strictly, both orders of a pair: a scene drawn for
+    "a red circle and a blue square" is also "a blue square and a red circle", "a circle above a
+    square", "a square below a circle", ... Training on all of them shows the binding categories
+    (position, color_attr) three times as many scenes for the same rendering."""
+    objects = scene.objects
+    shapes = {o.shape for o in objects}
+    if len(objects) == 1:
+        (o,) = objects
+        return [PromptSpec("single_object", (o.shape,)), PromptSpec("colors", (o.shape,), (o.color,))]
+    specs = []
+    if len(shapes) == 1 and len(objects) in NUMBERS_EN:
+        specs.append(PromptSpec("counting", (objects[0].shape,), count=len(objects)))
+    if len(objects) == 2 and len(shapes) == 2:
+        for a, b in (objects, objects[::-1]):
+            specs.append(PromptSpec("two_object", (a.shape, b.shape)))
+            where = relation(a.cx, a.cy, b.cx, b.cy, 1.0)
+            if where is not None:
+                specs.append(PromptSpec("position", (a.shape, b.shape), relation=where))
+            if a.color != b.color:
+                specs.append(PromptSpec("color_attr", (a.shape, b.shape), (a.color, b.color)))
+    return specs
+
+
 @dataclass(frozen=True)
 class Example:
     scene: Scene

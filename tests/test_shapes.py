@@ -12,7 +12,7 @@ from mars import shapes
 from mars.shapes import (CATEGORIES, COLORS, LANGS, PALETTE, SHAPES, PromptSpec, Scene, ShapeObject,
                          classify_pixels, describe_scene, detect_objects, format_prompt, label_components,
                          parse_prompt, random_scene, random_spec, render, sample_example, scene_for_prompt,
-                         score, summarize)
+                         scene_prompts, score, summarize)
 
 
 def test_same_seed_same_examples_and_pixels():
@@ -72,6 +72,27 @@ def test_scorer_is_exact_on_generated_images(size):
     assert {c: (v["accuracy"], v["strict"], v["n"]) for c, v in summary["categories"].items()} == {
         c: (1.0, 1.0, 12) for c in CATEGORIES}
     assert {v.lang for v in verdicts} == set(LANGS)
+
+
+def test_every_scene_prompt_passes_strictly_and_the_drawn_prompt_is_among_them():
+    rng = np.random.default_rng(5)
+    seen = {category: 0 for category in CATEGORIES}
+    for category in CATEGORIES * 4:
+        example = sample_example(rng, category)
+        assert example.spec in scene_prompts(example.scene)
+        for scene in (example.scene, random_scene(rng)):
+            image = render(scene, 128)
+            for spec in scene_prompts(scene):
+                seen[spec.category] += 1
+                for lang in LANGS:
+                    verdict = score(format_prompt(spec, lang), image)
+                    assert verdict.passed and verdict.strict, (spec, lang)
+    # a two-object scene is also two_object, position and (colours differing) color_attr, both orders
+    assert min(seen["position"], seen["color_attr"]) > 2 * 4 * 2
+    pair = Scene((ShapeObject("circle", "red", 0.1, 0.1, 0.2), ShapeObject("square", "blue", 0.6, 0.15, 0.2)))
+    assert {format_prompt(spec, "en") for spec in scene_prompts(pair)} == {
+        "a circle and a square", "a square and a circle", "a circle to the left of a square",
+        "a square to the right of a circle", "a red circle and a blue square", "a blue square and a red circle"}
 
 
 @pytest.mark.parametrize("size", [64, 128])

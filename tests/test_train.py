@@ -33,6 +33,7 @@ from mars.tokenizer import VocabMap, load_qwen_tokenizer
 from train.__main__ import find_resume_checkpoint
 from train.callbacks import FiniteLossGuard, image_grid
 from train.codes import CodeBatches, CodeSampler, CodeSet, CodesDataModule, extract_codes, shapes_item
+from train.codes import main as codes_main
 from train.data import image_to_tensor, load_rgb
 from train.modules import MarsLitModule, shapes_caption_corpus
 from train.pipeline import Stage, load_stage_config
@@ -129,6 +130,17 @@ def test_codes_match_a_fresh_encoding_and_captions_are_bilingual(world):
         assert code_set.captions(index, kind="scene", lang="zh") == [captions["scene_zh"]]
 
 
+def test_captions_only_rewrites_captions_and_keeps_codes(world, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(world["codes"], tmp_path / "codes")
+    old = (copy / "captions.jsonl").read_text(encoding="utf-8")
+    (copy / "captions.jsonl").write_text(old.replace('"prompt_en"', '"stale_en"'), encoding="utf-8")
+    codes_main(["--captions-only", "--out", str(copy)])
+    assert (copy / "captions.jsonl").read_text(encoding="utf-8") == old
+    assert (copy / "codes.safetensors").read_bytes() == (world["codes"] / "codes.safetensors").read_bytes()
+
+
 def test_codes_rendered_by_workers_match_in_process(world, tmp_path):
     extract_codes(world["vq"], tmp_path / "codes", n=20, sizes=(128,), seed=3, batch_size=6, num_workers=2)
     parallel, serial = CodeSet.load(tmp_path / "codes"), CodeSet.load(world["codes"])
@@ -197,13 +209,17 @@ def test_strict_captions_keep_only_items_with_a_caption_of_the_kind(world):
     loose, strict = (CodesDataModule(str(world["codes"]), batch_size=8, captions="prompt", val_items=16,
                                      strict_captions=flag) for flag in (False, True))
     loose.setup(), strict.setup()
-    scenes = [r["index"] for r in records[:80] if r["category"] == "scene"]
-    assert scenes and len(strict.train_set.sampler.items) == 80 - len(scenes)
-    batches = [strict.train_set.make_batch(k) for k in range(20)]  # two epochs of the 64 kept items
+    # free scenes of 3-4 mixed objects pass no category prompt; those of one or two objects pass some
+    unprompted = [r["index"] for r in records[:80] if "prompt_en" not in r["captions"]]
+    assert unprompted and all(records[i]["category"] == "scene" for i in unprompted)
+    assert any(r["category"] == "scene" and "prompt_en" in r["captions"] for r in records[:80])
+    assert len(strict.train_set.sampler.items) == 80 - len(unprompted)
+    batches = [strict.train_set.make_batch(k) for k in range(20)]  # two epochs of the kept items
     assert all("prompt_en" in records[i]["captions"] for b in batches for i in b["index"].tolist())
-    assert any(i in scenes for k in range(20) for i in loose.train_set.make_batch(k)["index"].tolist())
-    captions = {c for b in batches for c in b["caption"]}
-    assert captions <= {text for r in records for key, text in r["captions"].items() if key.startswith("prompt")}
+    assert any(i in unprompted for k in range(20) for i in loose.train_set.make_batch(k)["index"].tolist())
+    drawn = {(i, c) for b in batches for i, c in zip(b["index"].tolist(), b["caption"])}
+    assert all(c in records[i]["captions"]["prompt_en"] + records[i]["captions"]["prompt_zh"] for i, c in drawn)
+    assert len({c for _, c in drawn}) > len({i for i, _ in drawn})  # alternatives, not one prompt an item
 
 
 # --- the stage modules ---------------------------------------------------------------------------

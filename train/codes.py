@@ -15,12 +15,14 @@ Codes directory format (version 1), written by `extract_codes` / `python -m trai
                            at each size), so codes_128[i] and codes_256[i] are a super-resolution pair.
     DIR/captions.jsonl     N lines, line i describes image i:
                            {"index": i, "category": "position" | ... | "scene" | null,
-                            "captions": {"<kind>_<lang>": text, ...}}
-                           kinds: "prompt" (a category prompt of ../shared/shapes-world.md that the
+                            "captions": {"<kind>_<lang>": text or [texts], ...}}
+                           kinds: "prompt" (category prompts of ../shared/shapes-world.md that the
                            image passes strictly), "scene" (a full scene description), "caption"
                            (a real-data caption: caption_en holds the source's `caption` field,
-                           whatever its language); langs: "en", "zh". Shapes-world items carry
-                           prompt_en, prompt_zh, scene_en, scene_zh (free scenes only scene_*).
+                           whatever its language); langs: "en", "zh"; a list holds equally likely
+                           alternatives. Shapes-world items carry prompt_en and prompt_zh (lists:
+                           every prompt the scene passes strictly; free scenes often none), scene_en
+                           and scene_zh.
 
 Reading:
 
@@ -35,6 +37,7 @@ uninterrupted one would: `CodesDataModule` starts its stream at batch
 `trainer.global_step * accumulate_grad_batches` (see `IndexedBatches`).
 
     python -m train.codes --vq checkpoints/vq-shapes --out runs/shapes/codes --n 20000 --sizes 128 256
+    python -m train.codes --captions-only --out runs/shapes/codes   # rewrite a shapes set's captions.jsonl
     python -m train.codes --source webdataset --path "shards/{000..099}.tar" --vq DIR --sizes 256 --out DIR
 """
 
@@ -54,7 +57,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from mars.errors import first_line
-from mars.shapes import CATEGORIES, LANGS, describe_scene, format_prompt, random_scene, render, sample_example
+from mars.shapes import (CATEGORIES, LANGS, describe_scene, format_prompt, random_scene, render, sample_example,
+                         scene_prompts)
 from train.data import ImageCaptionFolder, WebDatasetShards, _distributed, image_to_tensor
 
 FORMAT, VERSION = "mars-codes", 1
@@ -65,14 +69,17 @@ KINDS = ("prompt", "scene", "caption")
 # ----------------------------------------------------------------------------- items to encode
 
 def shapes_item(seed: int, index: int, free_scene_ratio: float = 0.25) -> tuple:
-    """Shapes-world item `index`: (scene, category, captions dict); a pure function of (seed, index)."""
+    """Shapes-world item `index`: (scene, category, captions dict); a pure function of (seed, index).
+    Its prompt captions are every category prompt the scene passes strictly (mars.shapes.scene_prompts),
+    the one it was drawn for first; a free scene has them too when it passes any."""
     rng = np.random.default_rng([seed, index])
     if rng.random() < free_scene_ratio:
-        scene, category, captions = random_scene(rng), "scene", {}
+        scene, category, specs = random_scene(rng), "scene", []
     else:
         example = sample_example(rng, category=str(rng.choice(CATEGORIES)), lang="en")
-        scene, category = example.scene, example.category
-        captions = {f"prompt_{lang}": format_prompt(example.spec, lang) for lang in LANGS}
+        scene, category, specs = example.scene, example.category, [example.spec]
+    specs = list(dict.fromkeys(specs + scene_prompts(scene)))
+    captions = {f"prompt_{lang}": [format_prompt(spec, lang) for spec in specs] for lang in LANGS} if specs else {}
     captions |= {f"scene_{lang}": describe_scene(scene, lang) for lang in LANGS}
     return scene, category, captions
 
@@ -184,17 +191,37 @@ def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, siz
     return out
 
 
+def rewrite_shapes_captions(directory: str | Path) -> int:
+    """Recompute the captions of a shapes-world codes directory from (seed, index), codes untouched:
+    a set extracted before a captioning change gets the new captions without rendering or encoding.
+    Returns the number of items."""
+    directory = Path(directory)
+    meta = CodeSet.load(directory).meta
+    if meta.get("source") != "shapes":
+        raise ValueError(f"{directory} holds {meta.get('source')!r} images: only shapes-world captions can be recomputed")
+    records = [{"index": i, "category": category, "captions": captions}
+               for i in tqdm(range(meta["num_items"]), desc="captions", unit="item", disable=None)
+               for _, category, captions in [shapes_item(meta["seed"], i)]]
+    staging = directory / (CAPTIONS_FILE + ".partial")
+    with open(staging, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    staging.replace(directory / CAPTIONS_FILE)
+    return len(records)
+
+
 # ----------------------------------------------------------------------------- reading
 
-def matching_captions(captions: dict[str, str], kind: str = "mixed", lang: str = "both") -> list[str]:
-    """The texts of a {"<kind>_<lang>": text} dict matching kind ("mixed" = any) and lang ("both" = any)."""
-    return [text for key, text in sorted(captions.items())
-            if kind in ("mixed", key.split("_")[0]) and lang in ("both", key.split("_")[-1])]
+def matching_captions(captions: dict[str, str | list[str]], kind: str = "mixed", lang: str = "both") -> list[str]:
+    """The texts of a {"<kind>_<lang>": text or [texts]} dict matching kind ("mixed" = any) and lang
+    ("both" = any), lists flattened."""
+    return [text for key, value in sorted(captions.items())
+            if kind in ("mixed", key.split("_")[0]) and lang in ("both", key.split("_")[-1])
+            for text in ([value] if isinstance(value, str) else value)]
 
 
-def select_captions(captions: dict[str, str], kind: str = "mixed", lang: str = "both") -> list[str]:
+def select_captions(captions: dict[str, str | list[str]], kind: str = "mixed", lang: str = "both") -> list[str]:
     """matching_captions, or all of the texts when none match, so an item always has a caption."""
-    return matching_captions(captions, kind, lang) or [text for _, text in sorted(captions.items())]
+    return matching_captions(captions, kind, lang) or matching_captions(captions)
 
 
 class CodeSet:
@@ -418,8 +445,10 @@ def resume_batch(trainer) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.codes", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vq", required=True, help="VQ tokenizer directory (VQTokenizer.save_pretrained)")
+    parser.add_argument("--vq", help="VQ tokenizer directory (VQTokenizer.save_pretrained)")
     parser.add_argument("--out", required=True, type=Path, help="codes directory to create")
+    parser.add_argument("--captions-only", action="store_true",
+                        help="rewrite the captions of the shapes-world codes directory --out, codes untouched")
     parser.add_argument("--n", type=int, default=2048, help="images to encode (all of a folder/shards when 0)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sizes to encode")
     parser.add_argument("--seed", type=int, default=0)
@@ -429,6 +458,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-workers", type=int, default=0, help="processes rendering shapes-world batches")
     args = parser.parse_args(argv)
+    if args.captions_only:
+        print(f"rewrote the captions of {rewrite_shapes_captions(args.out)} items in {args.out}")
+        return
+    if args.vq is None:
+        parser.error("--vq is required (the VQ tokenizer directory that encodes the images)")
     out = extract_codes(args.vq, args.out, args.n or None, tuple(args.sizes), args.seed, args.batch_size,
                         args.source, args.path, args.device, args.num_workers)
     print(f"wrote {out}")

@@ -61,9 +61,9 @@ def _replace_dir(staging: Path, target: Path) -> None:
 
 def shapes_caption_corpus(num_items: int, seed: int) -> list[str]:
     """Every caption (both languages, prompts and scene descriptions) of shapes items 0..num_items-1."""
-    from train.codes import shapes_item
+    from train.codes import matching_captions, shapes_item
 
-    return [text for i in range(num_items) for text in shapes_item(seed, i)[2].values()]
+    return [text for i in range(num_items) for text in matching_captions(shapes_item(seed, i)[2])]
 
 
 class TextLMModule(L.LightningModule):

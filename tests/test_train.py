@@ -130,7 +130,7 @@ def test_codes_match_a_fresh_encoding_and_captions_are_bilingual(world):
         assert code_set.captions(index, kind="scene", lang="zh") == [captions["scene_zh"]]
 
 
-def test_captions_only_rewrites_captions_and_keeps_codes(world, tmp_path):
+def test_captions_only_rewrites_captions_and_keeps_codes(world, tmp_path, capsys):
     import shutil
 
     copy = shutil.copytree(world["codes"], tmp_path / "codes")
@@ -139,6 +139,10 @@ def test_captions_only_rewrites_captions_and_keeps_codes(world, tmp_path):
     codes_main(["--captions-only", "--out", str(copy)])
     assert (copy / "captions.jsonl").read_text(encoding="utf-8") == old
     assert (copy / "codes.safetensors").read_bytes() == (world["codes"] / "codes.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as stopped:
+        codes_main(["--captions-only", "--out", str(tmp_path / "absent")])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {tmp_path / 'absent' / 'meta.json'} not found")
 
 
 def test_codes_rendered_by_workers_match_in_process(world, tmp_path):

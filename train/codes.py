@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -458,13 +459,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-workers", type=int, default=0, help="processes rendering shapes-world batches")
     args = parser.parse_args(argv)
-    if args.captions_only:
-        print(f"rewrote the captions of {rewrite_shapes_captions(args.out)} items in {args.out}")
-        return
-    if args.vq is None:
+    if args.vq is None and not args.captions_only:
         parser.error("--vq is required (the VQ tokenizer directory that encodes the images)")
-    out = extract_codes(args.vq, args.out, args.n or None, tuple(args.sizes), args.seed, args.batch_size,
-                        args.source, args.path, args.device, args.num_workers)
+    try:
+        if args.captions_only:
+            print(f"rewrote the captions of {rewrite_shapes_captions(args.out)} items in {args.out}")
+            return
+        out = extract_codes(args.vq, args.out, args.n or None, tuple(args.sizes), args.seed, args.batch_size,
+                            args.source, args.path, args.device, args.num_workers)
+    except (ValueError, OSError) as error:
+        print(f"error: {first_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {out}")
 
 

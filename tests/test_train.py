@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,8 +132,6 @@ def test_codes_match_a_fresh_encoding_and_captions_are_bilingual(world):
 
 
 def test_captions_only_rewrites_captions_and_keeps_codes(world, tmp_path, capsys):
-    import shutil
-
     copy = shutil.copytree(world["codes"], tmp_path / "codes")
     old = (copy / "captions.jsonl").read_text(encoding="utf-8")
     (copy / "captions.jsonl").write_text(old.replace('"prompt_en"', '"stale_en"'), encoding="utf-8")

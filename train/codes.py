@@ -181,8 +181,7 @@ def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, siz
     staging.mkdir(parents=True, exist_ok=True)
     tensors = {f"codes_{size}": torch.cat(codes[size]).contiguous() for size in sizes}
     save_file(tensors, staging / CODES_FILE)
-    with open(staging / CAPTIONS_FILE, "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_captions(staging / CAPTIONS_FILE, records)
     meta = {"format": FORMAT, "version": VERSION, "num_items": len(records), "sizes": sizes,
             "grids": {str(s): list(tensors[f"codes_{s}"].shape[1:]) for s in sizes},
             "codebook_size": tokenizer.codebook_size, "downsample": tokenizer.downsample,
@@ -200,14 +199,20 @@ def rewrite_shapes_captions(directory: str | Path) -> int:
     meta = CodeSet.load(directory).meta
     if meta.get("source") != "shapes":
         raise ValueError(f"{directory} holds {meta.get('source')!r} images: only shapes-world captions can be recomputed")
-    records = [{"index": i, "category": category, "captions": captions}
-               for i in tqdm(range(meta["num_items"]), desc="captions", unit="item", disable=None)
-               for _, category, captions in [shapes_item(meta["seed"], i)]]
+    records = []
+    for i in tqdm(range(meta["num_items"]), desc="captions", unit="item", disable=None):
+        _, category, captions = shapes_item(meta["seed"], i)
+        records.append({"index": i, "category": category, "captions": captions})
     staging = directory / (CAPTIONS_FILE + ".partial")
-    with open(staging, "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    staging.replace(directory / CAPTIONS_FILE)
+    write_captions(staging, records)
+    staging.replace(directory / CAPTIONS_FILE)  # atomic: the old captions or the new, never half
     return len(records)
+
+
+def write_captions(path: Path, records: list[dict]) -> None:
+    """captions.jsonl: one record a line, non-ASCII (Chinese) captions kept readable."""
+    with open(path, "w", encoding="utf-8") as file:
+        file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -278,11 +278,21 @@ def scene_for_spec(rng: np.random.Generator, spec: PromptSpec) -> Scene:
             return scene
 
 
+def drawing_order(objects, rows: int = 8) -> list:
+    """Objects in the order a raster-scan image model starts drawing them: by the code row their top
+    edge falls in (`rows` code rows, the base grid's), then left to right by centre."""
+    return sorted(objects, key=lambda o: (int(o.y * rows), o.cx))
+
+
 def scene_prompts(scene: Scene) -> list[PromptSpec]:
-    """Every category prompt that `scene` passes strictly, both orders of a pair: a scene drawn for
-    "a red circle and a blue square" is also "a blue square and a red circle", "a circle above a
-    square", "a square below a circle", ... Training on all of them shows the binding categories
-    (position, color_attr) three times as many scenes for the same rendering."""
+    """Every category prompt that `scene` passes strictly: a scene drawn for "a red circle and a blue
+    square" is also "a circle and a square", "a circle above a square", "a square below a circle", ...
+    so position and colour binding see three times as many scenes for the same rendering.
+
+    A pair without a relation word (two_object, color_attr) is named in drawing order only, the object
+    a raster-scan model draws first named first: a prompt then tells the model which object to start
+    with, where naming both orders left it to guess, and it swapped and blended colours (a red circle
+    and a blue square came out purple). Position prompts name both orders; the relation word orders them."""
     objects = scene.objects
     shapes = {o.shape for o in objects}
     if len(objects) == 1:
@@ -292,13 +302,14 @@ def scene_prompts(scene: Scene) -> list[PromptSpec]:
     if len(shapes) == 1 and len(objects) in NUMBERS_EN:
         specs.append(PromptSpec("counting", (objects[0].shape,), count=len(objects)))
     if len(objects) == 2 and len(shapes) == 2:
+        first, second = drawing_order(objects)
+        specs.append(PromptSpec("two_object", (first.shape, second.shape)))
+        if first.color != second.color:
+            specs.append(PromptSpec("color_attr", (first.shape, second.shape), (first.color, second.color)))
         for a, b in (objects, objects[::-1]):
-            specs.append(PromptSpec("two_object", (a.shape, b.shape)))
             where = relation(a.cx, a.cy, b.cx, b.cy, 1.0)
             if where is not None:
                 specs.append(PromptSpec("position", (a.shape, b.shape), relation=where))
-            if a.color != b.color:
-                specs.append(PromptSpec("color_attr", (a.shape, b.shape), (a.color, b.color)))
     return specs
 
 

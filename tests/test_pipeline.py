@@ -134,6 +134,22 @@ def test_rerun_with_another_vq_refuses_to_reuse_stages_built_from_the_old_one(sm
     assert "stage codes" in message and "was built from vq=" in message and "--out" in message
 
 
+def test_given_parts_skip_their_stages_and_the_codes_only_they_read(smoke_run, tmp_path):
+    """--superres reuses a trained stage 3 for a new base model: no stage 3, no codes-superres."""
+    given = {flag: smoke_run / stage / "export" for flag, stage in
+             (("--vq", "vq"), ("--text-model", "text"), ("--superres", "superres"))}
+    result = run_pipeline(tmp_path, *(str(part) for pair in given.items() for part in pair))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"[pipeline] superres: using {given['--superres']}" in result.stdout
+    assert "[pipeline] codes-superres: not needed" in result.stdout
+    assert not (tmp_path / "superres").exists() and not (tmp_path / "codes-superres").exists()
+    assert (tmp_path / "stage2" / "DONE.json").is_file()
+    bundled = load_file(tmp_path / "bundle" / "superres" / "superres_trainable.safetensors")
+    trained = load_file(given["--superres"] / "superres_trainable.safetensors")
+    assert bundled.keys() == trained.keys()
+    assert all(torch.equal(bundled[k], trained[k].to(bundled[k].dtype)) for k in trained)
+
+
 # --- MarsPipeline --------------------------------------------------------------------------------
 
 def test_save_pretrained_round_trip_is_exact_and_relocatable(pipe, tmp_path):

@@ -10,9 +10,9 @@ from PIL import Image
 
 from mars import shapes
 from mars.shapes import (CATEGORIES, COLORS, LANGS, PALETTE, SHAPES, PromptSpec, Scene, ShapeObject,
-                         classify_pixels, describe_scene, detect_objects, format_prompt, label_components,
-                         parse_prompt, random_scene, random_spec, render, sample_example, scene_for_prompt,
-                         scene_prompts, score, summarize)
+                         classify_pixels, describe_scene, detect_objects, drawing_order, format_prompt,
+                         label_components, parse_prompt, random_scene, random_spec, render, sample_example,
+                         scene_for_prompt, scene_prompts, score, summarize)
 
 
 def test_same_seed_same_examples_and_pixels():
@@ -74,12 +74,20 @@ def test_scorer_is_exact_on_generated_images(size):
     assert {v.lang for v in verdicts} == set(LANGS)
 
 
+def reversed_pair(spec: PromptSpec) -> PromptSpec:
+    return PromptSpec(spec.category, spec.shapes[::-1], spec.colors[::-1], spec.count, spec.relation)
+
+
 def test_every_scene_prompt_passes_strictly_and_the_drawn_prompt_is_among_them():
     rng = np.random.default_rng(5)
     seen = {category: 0 for category in CATEGORIES}
     for category in CATEGORIES * 4:
         example = sample_example(rng, category)
-        assert example.spec in scene_prompts(example.scene)
+        prompts = scene_prompts(example.scene)
+        if category in ("two_object", "color_attr"):  # named in drawing order, whichever order it was drawn for
+            assert (example.spec in prompts) != (reversed_pair(example.spec) in prompts)
+        else:
+            assert example.spec in prompts
         for scene in (example.scene, random_scene(rng)):
             image = render(scene, 128)
             for spec in scene_prompts(scene):
@@ -87,12 +95,21 @@ def test_every_scene_prompt_passes_strictly_and_the_drawn_prompt_is_among_them()
                 for lang in LANGS:
                     verdict = score(format_prompt(spec, lang), image)
                     assert verdict.passed and verdict.strict, (spec, lang)
-    # a two-object scene is also two_object, position and (colours differing) color_attr, both orders
-    assert min(seen["position"], seen["color_attr"]) > 2 * 4 * 2
-    pair = Scene((ShapeObject("circle", "red", 0.1, 0.1, 0.2), ShapeObject("square", "blue", 0.6, 0.15, 0.2)))
-    assert {format_prompt(spec, "en") for spec in scene_prompts(pair)} == {
-        "a circle and a square", "a square and a circle", "a circle to the left of a square",
-        "a square to the right of a circle", "a red circle and a blue square", "a blue square and a red circle"}
+    assert min(seen["position"], seen["color_attr"]) > 4 * 2
+
+
+def test_pairs_are_named_in_drawing_order_positions_both_ways():
+    circle = ShapeObject("circle", "red", 0.6, 0.1, 0.2)  # top edge in code row 0 of 8
+    square = ShapeObject("square", "blue", 0.1, 0.3, 0.2)  # code row 2, further left
+    expected = {"a circle and a square", "a red circle and a blue square",
+                "a circle to the right of a square", "a square to the left of a circle"}
+    for objects in ((circle, square), (square, circle)):
+        assert {format_prompt(spec, "en") for spec in scene_prompts(Scene(objects))} == expected
+    # tops in one code row: left to right
+    level = ShapeObject("square", "blue", 0.1, 0.11, 0.2)
+    assert drawing_order([circle, level]) == [level, circle]
+    assert [spec for spec in scene_prompts(Scene((circle, level))) if spec.category == "color_attr"] == [
+        PromptSpec("color_attr", ("square", "circle"), ("blue", "red"))]
 
 
 @pytest.mark.parametrize("size", [64, 128])

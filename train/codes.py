@@ -72,14 +72,16 @@ KINDS = ("prompt", "scene", "caption")
 def shapes_item(seed: int, index: int, free_scene_ratio: float = 0.25) -> tuple:
     """Shapes-world item `index`: (scene, category, captions dict); a pure function of (seed, index).
     Its prompt captions are every category prompt the scene passes strictly (mars.shapes.scene_prompts),
-    the one it was drawn for first; a free scene has them too when it passes any."""
+    the one it was drawn for first when it is among them (a pair named against drawing order is not);
+    a free scene has them too when it passes any."""
     rng = np.random.default_rng([seed, index])
     if rng.random() < free_scene_ratio:
         scene, category, specs = random_scene(rng), "scene", []
     else:
         example = sample_example(rng, category=str(rng.choice(CATEGORIES)), lang="en")
         scene, category, specs = example.scene, example.category, [example.spec]
-    specs = list(dict.fromkeys(specs + scene_prompts(scene)))
+    passed = scene_prompts(scene)
+    specs = list(dict.fromkeys([spec for spec in specs if spec in passed] + passed))
     captions = {f"prompt_{lang}": [format_prompt(spec, lang) for spec in specs] for lang in LANGS} if specs else {}
     captions |= {f"scene_{lang}": describe_scene(scene, lang) for lang in LANGS}
     return scene, category, captions

@@ -3,11 +3,14 @@
     python -m train.pipeline --preset shapes --out runs/shapes            # the full shapes-world recipe
     python -m train.pipeline --preset shapes --smoke                      # tiny, minutes on 2 CPU cores
     python -m train.pipeline --preset shapes --vq checkpoints/vq-shapes   # reuse a trained VQ tokenizer
+    python -m train.pipeline --preset shapes --superres checkpoints/mars-shapes/superres   # and a super-resolution model
 
 Stages of the shapes preset: text (stage 0, a small Qwen LM; skipped with --text-model DIR),
 vq (skipped with --vq DIR), codes (extracted once: many scenes at the base size) and codes-superres
 (fewer scenes at both sizes, for super-resolution), stage1 (alignment, t2i + i2t), stage2 (t2i
-refinement, caption dropout) and superres (stage 3, when train/configs/shapes_stage3_superres.yaml exists).
+refinement, caption dropout) and superres (stage 3, when train/configs/shapes_stage3_superres.yaml exists;
+skipped with --superres DIR, and then its codes-superres too: stage 3 learns from rendered pairs, not from
+stage 2's samples, so a trained one serves a new base model).
 
 Each fit stage is the documented command, run as a subprocess:
 `python -m train fit --config DIR/<stage>/config.yaml`, where that config is the stage YAML of
@@ -80,13 +83,11 @@ def _entries(value) -> list[dict]:
 class Runner:
     """Runs the stages of one preset under `out`, remembering where each stage's product lives."""
 
-    def __init__(self, out: Path, smoke: bool, vq: str | None = None, text_model: str | None = None):
+    def __init__(self, out: Path, smoke: bool, vq: str | None = None, text_model: str | None = None,
+                 superres: str | None = None):
         self.out, self.smoke = out.resolve(), smoke
-        self.products: dict[str, Path] = {}
-        if vq:
-            self.products["vq"] = Path(vq).resolve()
-        if text_model:
-            self.products["text"] = Path(text_model).resolve()
+        given = {"vq": vq, "text": text_model, "superres": superres}
+        self.products: dict[str, Path] = {name: Path(path).resolve() for name, path in given.items() if path}
         self.timings: dict[str, float] = {}
 
     def wire(self, stage: Stage, config: dict) -> dict:
@@ -116,11 +117,15 @@ class Runner:
             model_args["init_from"] = str(self.products[stage.init_from])
         return config
 
-    def run(self, stage: Stage) -> None:
+    def run(self, stage: Stage, later: tuple[Stage, ...] = ()) -> None:
+        """Run `stage` unless it is given, finished, or (a codes stage) read by none of the `later` stages."""
         root = self.out / stage.name
         done = root / "DONE.json"
         if stage.name in self.products:
             print(f"[pipeline] {stage.name}: using {self.products[stage.name]}")
+            return
+        if stage.kind == "codes" and not any(s.codes == stage.name and s.name not in self.products for s in later):
+            print(f"[pipeline] {stage.name}: not needed (the stages that read it are given)")
             return
         product = root / "export"
         if done.is_file():
@@ -228,15 +233,20 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, help="run directory (default runs/<preset>[-smoke])")
     parser.add_argument("--vq", help="reuse this VQ tokenizer directory instead of training one")
     parser.add_argument("--text-model", help="reuse this Qwen directory (with tokenizer files) instead of stage 0")
+    parser.add_argument("--superres", help="reuse this super-resolution model directory (SuperResModel.save_pretrained, "
+                        "trained over the same text model) instead of stage 3")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / (args.preset + ("-smoke" if args.smoke else ""))
-    runner = Runner(out, args.smoke, args.vq, args.text_model)
+    runner = Runner(out, args.smoke, args.vq, args.text_model, args.superres)
     start = time.perf_counter()
+    stages = []
     for stage in PRESETS[args.preset]:
         if stage.kind == "fit" and not (CONFIG_DIR / stage.config).is_file():
             print(f"[pipeline] {stage.name}: skipped (no train/configs/{stage.config})")
-            continue
-        runner.run(stage)
+        else:
+            stages.append(stage)
+    for number, stage in enumerate(stages):
+        runner.run(stage, tuple(stages[number + 1:]))
     bundle = runner.out / "bundle"
     if runner.timings or not (bundle / "model_index.json").is_file():
         bundle = runner.export_bundle()

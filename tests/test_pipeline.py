@@ -141,7 +141,7 @@ def test_given_parts_skip_their_stages_and_the_codes_only_they_read(smoke_run, t
     result = run_pipeline(tmp_path, *(str(part) for pair in given.items() for part in pair))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert f"[pipeline] superres: using {given['--superres']}" in result.stdout
-    assert "[pipeline] codes-superres: not needed" in result.stdout
+    assert "[pipeline] codes-superres: not needed (no stage left to train reads it)" in result.stdout
     assert not (tmp_path / "superres").exists() and not (tmp_path / "codes-superres").exists()
     assert (tmp_path / "stage2" / "DONE.json").is_file()
     bundled = load_file(tmp_path / "bundle" / "superres" / "superres_trainable.safetensors")

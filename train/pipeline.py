@@ -125,7 +125,7 @@ class Runner:
             print(f"[pipeline] {stage.name}: using {self.products[stage.name]}")
             return
         if stage.kind == "codes" and not any(s.codes == stage.name and s.name not in self.products for s in later):
-            print(f"[pipeline] {stage.name}: not needed (the stages that read it are given)")
+            print(f"[pipeline] {stage.name}: not needed (no stage left to train reads it)")
             return
         product = root / "export"
         if done.is_file():

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import mars
 from mars.model import build_batch
@@ -148,6 +148,25 @@ def test_given_parts_skip_their_stages_and_the_codes_only_they_read(smoke_run, t
     trained = load_file(given["--superres"] / "superres_trainable.safetensors")
     assert bundled.keys() == trained.keys()
     assert all(torch.equal(bundled[k], trained[k].to(bundled[k].dtype)) for k in trained)
+
+
+def test_a_rerun_with_other_parts_rebuilds_the_bundle_from_them(smoke_run, tmp_path):
+    """Given a finished run, --superres swaps its stage 3 in the bundle; the rerun without it swaps back."""
+    own = smoke_run / "superres" / "export"
+    other = shutil.copytree(own, tmp_path / "other-superres")
+    weights = load_file(own / "superres_trainable.safetensors")
+    changed = {name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+    save_file(changed, other / "superres_trainable.safetensors")
+    bundled = smoke_run / "bundle" / "superres" / "superres_trainable.safetensors"
+    for superres, expected in ((other, changed), (None, weights)):
+        result = run_pipeline(smoke_run, *(("--superres", str(superres)) if superres else ()))
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert "[pipeline] bundle: rebuilding (superres changed since it was built)" in result.stdout
+        assert "bundle written" in result.stdout and "[pipeline] stage2: done" in result.stdout
+        now = load_file(bundled)
+        assert all(torch.equal(now[k], expected[k].to(now[k].dtype)) for k in expected)
+    assert json.loads((smoke_run / "pipeline.json").read_text())["bundle_inputs"]["superres"] == str(own.resolve())
+    assert "[pipeline] bundle: done" in run_pipeline(smoke_run).stdout  # nothing changed: nothing rebuilt
 
 
 # --- MarsPipeline --------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ under DIR: checkpoints in DIR/<stage>/checkpoints, logs in DIR/<stage>/logs, the
 DIR/<stage>/export (the codes stage too), inputs from the earlier stages' exports. A finished stage leaves
 DIR/<stage>/DONE.json and is skipped by a rerun; an interrupted one resumes from its last.ckpt
 (train/__main__.py auto-resume), so rerunning the same command continues where it stopped.
+The bundle is rebuilt when a stage ran now or when its parts differ from those DIR/pipeline.json
+records it was built from (say a finished run given another --superres).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from pathlib import Path
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+BUNDLE_PARTS = ("text", "stage2", "vq", "superres")  # the products export_bundle reads
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,10 @@ class Runner:
         """What a stage starting now is built from: every earlier stage's product."""
         return {name: str(path) for name, path in self.products.items()}
 
+    def bundle_inputs(self) -> dict[str, str]:
+        """The products DIR/bundle is assembled from (export_bundle), as pipeline.json records them."""
+        return {name: str(self.products[name]) for name in BUNDLE_PARTS if name in self.products}
+
     def check_inputs(self, stage: Stage, recorded: dict[str, str]) -> None:
         """A finished stage is reused only when it was built from the products this run uses. Stages run
         in order, so every earlier stage's product is known here; a recorded name this run has not
@@ -247,16 +254,22 @@ def main(argv: list[str] | None = None) -> Path:
             stages.append(stage)
     for number, stage in enumerate(stages):
         runner.run(stage, tuple(stages[number + 1:]))
-    bundle = runner.out / "bundle"
-    if runner.timings or not (bundle / "model_index.json").is_file():
+    bundle, summary_path = runner.out / "bundle", runner.out / "pipeline.json"
+    built_from = json.loads(summary_path.read_text()).get("bundle_inputs") if summary_path.is_file() else None
+    parts = runner.bundle_inputs()
+    if runner.timings or built_from != parts or not (bundle / "model_index.json").is_file():
+        if not runner.timings and built_from is not None:  # e.g. a new --superres for a finished run
+            changed = sorted(name for name in {*built_from, *parts} if built_from.get(name) != parts.get(name))
+            print(f"[pipeline] bundle: rebuilding ({', '.join(changed)} changed since it was built)")
         bundle = runner.export_bundle()
     else:
         print(f"[pipeline] bundle: done ({bundle})")
     stage_seconds = {path.parent.name: json.loads(path.read_text())["seconds"]
                      for path in sorted(runner.out.glob("*/DONE.json"))}
     summary = {"stage_seconds": stage_seconds, "ran_now": sorted(runner.timings),
-               "seconds": round(time.perf_counter() - start, 1), "bundle": str(bundle)}
-    (runner.out / "pipeline.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "seconds": round(time.perf_counter() - start, 1), "bundle": str(bundle),
+               "bundle_inputs": runner.bundle_inputs()}
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"[pipeline] all stages done; this invocation took {summary['seconds']} s")
     return bundle
 

@@ -98,13 +98,22 @@ def eval_prompts(n: int, seed: int):
                            LANGS[(i // len(CATEGORIES)) % 2]) for i in range(n)]
 
 
-def accuracy(prompts: list[str], images: torch.Tensor) -> tuple[float, float]:
-    """(overall, strict) shapes-world scores of images (B, 3, S, S) in [-1, 1]."""
+def accuracy(prompts: list[str], images: torch.Tensor) -> tuple[dict, list[bool]]:
+    """mars.shapes.summarize of images (B, 3, S, S) in [-1, 1], and whether each image passed."""
     from mars.shapes import score, summarize
     from vq import tensor_to_images
 
-    summary = summarize([score(p, image) for p, image in zip(prompts, tensor_to_images(images))])
-    return summary["overall"], summary["overall_strict"]
+    verdicts = [score(p, image) for p, image in zip(prompts, tensor_to_images(images))]
+    return summarize(verdicts), [v.passed for v in verdicts]
+
+
+def by_category(summary: dict, reference: dict | None = None) -> str:
+    """'single_object 0.90 (-0.01)  two_object ...': accuracy per category, against `reference`'s."""
+    parts = []
+    for name, category in summary["categories"].items():
+        delta = "" if reference is None else f" ({category['accuracy'] - reference['categories'][name]['accuracy']:+.2f})"
+        parts.append(f"{name} {category['accuracy']:.2f}{delta}")
+    return "         " + "  ".join(parts)
 
 
 def batches(n: int, size: int):
@@ -152,9 +161,10 @@ def accuracy_table(args) -> list[str]:
         source = f"VQ codes of rendered {size}-px scenes"
     generator = torch.Generator().manual_seed(args.seed)
     low = torch.cat([base_images(examples[s], generator) for s in tqdm(batches(len(prompts), 16), desc="low codes")])
-    low_score = accuracy(prompts, torch.cat([vq.decode(low[s]) for s in batches(len(low), 16)]))
+    low_score, low_passed = accuracy(prompts, torch.cat([vq.decode(low[s]) for s in batches(len(low), 16)]))
     lines = [f"low codes: {source}, {len(prompts)} prompts; base sampling {sampling}, upsampling {upsampling}",
-             f"low-res  {low.shape[-1] * vq.downsample} px  accuracy {low_score[0]:.3f}  strict {low_score[1]:.3f}"]
+             f"low-res  {low.shape[-1] * vq.downsample} px  accuracy {low_score['overall']:.3f}  "
+             f"strict {low_score['overall_strict']:.3f}", by_category(low_score)]
     paths = [Path(p) for p in args.checkpoint]
     if bundle:
         paths[0] = first / "superres"
@@ -162,10 +172,14 @@ def accuracy_table(args) -> list[str]:
         generator = torch.Generator().manual_seed(args.seed + 1)  # every model upsamples with the same draws
         high = torch.cat([upsample_codes(model, [tokenizer.encode(p) for p in prompts[s]], low[s], generator=generator,
                                          **upsampling) for s in tqdm(batches(len(low), 16), desc="upsample")])
-        score = accuracy(prompts, torch.cat([vq.decode(high[s]) for s in batches(len(high), 16)]))
-        verdict = "ok" if round(score[0] - low_score[0], 9) >= -0.02 else "FAILS the 0.02 goal"  # fractions of one n
-        lines.append(f"k={model.config.group_size:<3d} {high.shape[-1] * vq.downsample} px  accuracy {score[0]:.3f}  "
-                     f"strict {score[1]:.3f}  ({score[0] - low_score[0]:+.3f}, {verdict})  {path}")
+        score, passed = accuracy(prompts, torch.cat([vq.decode(high[s]) for s in batches(len(high), 16)]))
+        drop = score["overall"] - low_score["overall"]
+        verdict = "ok" if round(drop, 9) >= -0.02 else "FAILS the 0.02 goal"  # fractions of one n
+        lost = sum(before and not after for before, after in zip(low_passed, passed))
+        gained = sum(after and not before for before, after in zip(low_passed, passed))
+        lines += [f"k={model.config.group_size:<3d} {high.shape[-1] * vq.downsample} px  accuracy {score['overall']:.3f}  "
+                  f"strict {score['overall_strict']:.3f}  ({drop:+.3f}, {verdict})  {path}",
+                  by_category(score, low_score) + f"  |  passes lost {lost}, gained {gained}"]
     missing = sorted(set(GROUP_SIZES) - {m.config.group_size for m in models})
     if missing:
         lines.append(f"no checkpoint for k={missing}: pass one SuperResModel directory per k to score them")

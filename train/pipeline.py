@@ -255,11 +255,11 @@ def main(argv: list[str] | None = None) -> Path:
     for number, stage in enumerate(stages):
         runner.run(stage, tuple(stages[number + 1:]))
     bundle, summary_path = runner.out / "bundle", runner.out / "pipeline.json"
-    built_from = json.loads(summary_path.read_text()).get("bundle_inputs") if summary_path.is_file() else None
+    recorded = json.loads(summary_path.read_text()).get("bundle_inputs") if summary_path.is_file() else None
     parts = runner.bundle_inputs()
-    if runner.timings or built_from != parts or not (bundle / "model_index.json").is_file():
-        if not runner.timings and built_from is not None:  # e.g. a new --superres for a finished run
-            changed = sorted(name for name in {*built_from, *parts} if built_from.get(name) != parts.get(name))
+    changed = [] if recorded is None else sorted(n for n in {*recorded, *parts} if recorded.get(n) != parts.get(n))
+    if runner.timings or recorded is None or changed or not (bundle / "model_index.json").is_file():
+        if changed and not runner.timings:  # e.g. a new --superres for a finished run
             print(f"[pipeline] bundle: rebuilding ({', '.join(changed)} changed since it was built)")
         bundle = runner.export_bundle()
     else:
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> Path:
                      for path in sorted(runner.out.glob("*/DONE.json"))}
     summary = {"stage_seconds": stage_seconds, "ran_now": sorted(runner.timings),
                "seconds": round(time.perf_counter() - start, 1), "bundle": str(bundle),
-               "bundle_inputs": runner.bundle_inputs()}
+               "bundle_inputs": parts}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"[pipeline] all stages done; this invocation took {summary['seconds']} s")
     return bundle

@@ -8,9 +8,7 @@ composition) plus three small trainable parts. One sequence per image:
 The N = 4hw high-resolution codes are decoded in G = N / k groups of k codes. Group sizes:
 k = 1 (code by code), k = 4 (the 2x2 block under one low-resolution code, the default) or
 k = 4m (a row of m blocks, 2 x 2m codes). Groups run in raster order over the group grid, the
-codes inside a group in raster order too (`to_group_order`). With `interleave_blocks` a group's m
-blocks are spread along their block row, w/m apart (w = 8, m = 4: blocks 0 2 4 6, then 1 3 5 7),
-so no two blocks of a group touch and the second pass sees both neighbours of every block.
+codes inside a group in raster order too (`to_group_order`).
 
 Design ("shift by one group"), chosen so that both properties below are exact, not approximate:
 
@@ -70,7 +68,6 @@ class SuperResConfig(JsonConfig):
     saved_by = "SuperResModel.save_pretrained"  # a class attribute, not a field (no annotation)
     low_grid: tuple[int, int] = (8, 8)  # (h, w) of the input grid; the base MarsConfig's image_grid
     group_size: int = 4  # k codes per decoding step: 1, 4 (a 2x2 block) or 4m (a row of m blocks)
-    interleave_blocks: bool = False  # k = 4m: the m blocks lie w/m apart, not side by side
 
     high_grid: tuple[int, int] = field(init=False)  # (2h, 2w)
     group_shape: tuple[int, int] = field(init=False)  # (rows, cols) of high-resolution codes in a group
@@ -101,25 +98,16 @@ class SuperResConfig(JsonConfig):
 
 # --- grid layout ------------------------------------------------------------------------------
 
-def group_layout(config: SuperResConfig) -> tuple[str, dict[str, int]]:
-    """The einops pattern of a (B, 2h, 2w) grid's columns and row groups, and its sizes."""
-    (gh, gw), blocks = config.group_shape, config.group_shape[1] // BLOCK
-    if config.interleave_blocks and blocks > 1:  # block column = j * (w / m) + gx for the j-th block of group gx
-        return "b (gy gh) (m gx bw)", dict(gh=gh, m=blocks, bw=BLOCK)
-    return "b (gy gh) (gx m bw)", dict(gh=gh, m=gw // min(gw, BLOCK), bw=min(gw, BLOCK))
-
-
 def to_group_order(grid: Tensor, config: SuperResConfig) -> Tensor:
     """(B, 2h, 2w) high-resolution grid -> (B, N) in decoding order (group by group)."""
-    pattern, sizes = group_layout(config)
-    return rearrange(grid, f"{pattern} -> b (gy gx gh m bw)", **sizes)
+    gh, gw = config.group_shape
+    return rearrange(grid, "b (gy gh) (gx gw) -> b (gy gx gh gw)", gh=gh, gw=gw)
 
 
 def from_group_order(codes: Tensor, config: SuperResConfig) -> Tensor:
     """(B, N) in decoding order -> (B, 2h, 2w)."""
-    pattern, sizes = group_layout(config)
-    gy = config.high_grid[0] // config.group_shape[0]
-    return rearrange(codes, f"b (gy gx gh m bw) -> {pattern}", gy=gy, **sizes)
+    (gh, gw), (height, _) = config.group_shape, config.high_grid
+    return rearrange(codes, "b (gy gx gh gw) -> b (gy gh) (gx gw)", gy=height // gh, gh=gh, gw=gw)
 
 
 def slot_layout(config: SuperResConfig) -> tuple[Tensor, Tensor, Tensor]:

@@ -31,11 +31,11 @@ GROUP_SIZES = [1, 4, 16]
 PROMPTS = [[5], [6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16]]  # different lengths: left padding
 
 
-def tiny(group_size: int = 4, name: str = "tiny-qwen3", seed: int = 0, interleave_blocks: bool = False) -> SuperResModel:
+def tiny(group_size: int = 4, name: str = "tiny-qwen3", seed: int = 0) -> SuperResModel:
     """A tiny model that looks trained: codes told apart, a confident head, a non-trivial group projection."""
     torch.manual_seed(seed)
-    config = SuperResConfig(low_grid=(4, 4), group_size=group_size, interleave_blocks=interleave_blocks)
-    model = SuperResModel.from_config(config, MarsConfig.from_name(name)).eval()
+    model = SuperResModel.from_config(SuperResConfig(low_grid=(4, 4), group_size=group_size),
+                                      MarsConfig.from_name(name)).eval()
     with torch.no_grad():
         model.mars.image_embed.weight.normal_()
         model.mars.image_head.weight.normal_(0.0, 0.5)
@@ -86,23 +86,6 @@ def test_group_order_round_trips_and_slots_sit_under_their_parent(group_size):
         assert torch.equal(parent, torch.arange(16).repeat_interleave(4))
     if group_size == 1:  # k = 1 decodes in plain raster order
         assert torch.equal(raster, torch.arange(64))
-
-
-@pytest.mark.parametrize("interleave_blocks", [False, True])
-def test_a_row_group_holds_neighbouring_or_interleaved_blocks(interleave_blocks):
-    config = SuperResConfig((4, 4), 8, interleave_blocks=interleave_blocks)  # 2 blocks a group, 2 groups a row
-    grid = codes((2, 8, 8))
-    assert torch.equal(from_group_order(to_group_order(grid, config), config), grid)
-    parent, sub, group = slot_layout(config)
-    rows, cols = torch.arange(8)[:, None].expand(8, 8), torch.arange(8)[None].expand(8, 8)
-    raster = to_group_order((rows * 8 + cols)[None], config)[0]
-    assert torch.equal(parent, (raster // 8 // 2) * 4 + (raster % 8) // 2)
-    assert torch.equal(sub, (raster // 8 % 2) * 2 + raster % 2)
-    for g in range(8):
-        row, first = g // 2 * 4, g % 2 if interleave_blocks else 2 * (g % 2)
-        blocks = {row + first, row + first + (2 if interleave_blocks else 1)}  # interleaved: 0 2 then 1 3
-        assert set(parent[group == g].tolist()) == blocks
-        assert torch.equal(sub[group == g], torch.tensor([0, 1, 0, 1, 2, 3, 2, 3]))  # raster inside the group
 
 
 # --- the mask ---------------------------------------------------------------------------------
@@ -179,10 +162,10 @@ def test_a_code_only_reaches_later_groups(group_size):
 # --- cached decoding --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ARCHS)
-@pytest.mark.parametrize("group_size", [*GROUP_SIZES, "8-interleaved"])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("guidance_scale", [None, 3.0])
 def test_cached_group_decoding_equals_the_full_forward(name, group_size, guidance_scale):
-    model = tiny(8, name, interleave_blocks=True) if group_size == "8-interleaved" else tiny(group_size, name)
+    model = tiny(group_size, name)
     low = codes((3, 4, 4))
     sampled, logits = generate_groups(model, PROMPTS, low, guidance_scale=guidance_scale or 1.0,
                                       generator=seeded(), return_logits=True)

@@ -76,9 +76,9 @@ class SuperResCodesDataModule(CodesDataModule):
 
 
 def build_model(text_model: str, init_from: str | None, group_size: int, low_grid: tuple[int, int],
-                codebook_size: int, interleave_blocks: bool = False) -> SuperResModel:
+                codebook_size: int) -> SuperResModel:
     """The starting SuperResModel over the frozen Qwen in `text_model` (see the module docstring)."""
-    config = SuperResConfig(low_grid=tuple(low_grid), group_size=group_size, interleave_blocks=interleave_blocks)
+    config = SuperResConfig(low_grid=tuple(low_grid), group_size=group_size)
     source = Path(init_from) if init_from else None
     if source is not None and source.is_dir() and (source / CONFIG_NAME).is_file():
         base = dataclasses.replace(MarsConfig.load(source / CONFIG_NAME), text_model=None)  # its switches
@@ -93,9 +93,7 @@ def build_model(text_model: str, init_from: str | None, group_size: int, low_gri
     if source.is_dir() and (source / CONFIG_NAME).is_file():
         model.mars.load_trainable(source / WEIGHTS_NAME)  # stage 2's experts and code embeddings
         if (source / SUPERRES_CONFIG_NAME).is_file():  # a SuperResModel export: continue it
-            # interleave_blocks may change: the weights fit either order, fine-tuning adapts them.
-            saved = SuperResConfig.load(source / SUPERRES_CONFIG_NAME)
-            if (saved.group_size, saved.low_grid) != (config.group_size, config.low_grid):
+            if SuperResConfig.load(source / SUPERRES_CONFIG_NAME) != config:
                 raise ValueError(f"{source} was trained with another group_size/low_grid than {config.to_dict()}")
             model.load_superres_trainable(source / SUPERRES_WEIGHTS_NAME)
     elif source.is_file():
@@ -117,8 +115,7 @@ class SuperResLitModule(L.LightningModule):
     """Teacher-forced cross-entropy over the high-resolution codes; optimiser over the trainable parts only."""
 
     def __init__(self, text_model: str, tokenizer: str | None = None, init_from: str | None = None,
-                 group_size: int = 4, interleave_blocks: bool = False, low_grid: tuple[int, int] = (8, 8),
-                 codebook_size: int = 1024,
+                 group_size: int = 4, low_grid: tuple[int, int] = (8, 8), codebook_size: int = 1024,
                  caption_dropout: float = 0.1, low_code_noise: float = 0.05, history_noise: float = 0.0,
                  optim: OptimConfig | None = None, export_dir: str | None = None):
         super().__init__()
@@ -128,12 +125,10 @@ class SuperResLitModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.save_hyperparameters({
             "text_model": text_model, "tokenizer": tokenizer, "init_from": init_from, "group_size": group_size,
-            "interleave_blocks": interleave_blocks,
             "low_grid": list(low_grid), "codebook_size": codebook_size, "caption_dropout": caption_dropout,
             "low_code_noise": low_code_noise, "history_noise": history_noise, "optim": asdict(self.optim),
             "export_dir": export_dir})
-        self.model = build_model(text_model, init_from, group_size, tuple(low_grid), codebook_size,
-                                 interleave_blocks)
+        self.model = build_model(text_model, init_from, group_size, tuple(low_grid), codebook_size)
         self.prompt_tokenizer = PromptTokenizer.from_pretrained(tokenizer or text_model)
         self.strict_loading = False  # checkpoints hold the trainable weights only (on_save_checkpoint)
 

@@ -33,7 +33,8 @@ from mars.shapes import LANGS, render, write_eval_folder
 from mars.tokenizer import VocabMap, load_qwen_tokenizer
 from train.__main__ import find_resume_checkpoint
 from train.callbacks import FiniteLossGuard, image_grid
-from train.codes import CodeBatches, CodeSampler, CodeSet, CodesDataModule, extract_codes, shapes_item
+from train.codes import (CodeBatches, CodeSampler, CodeSet, CodesDataModule, caption_category, extract_codes,
+                         shapes_item)
 from train.codes import main as codes_main
 from train.data import image_to_tensor, load_rgb
 from train.modules import MarsLitModule, shapes_caption_corpus
@@ -223,6 +224,35 @@ def test_strict_captions_keep_only_items_with_a_caption_of_the_kind(world):
     drawn = {(i, c) for b in batches for i, c in zip(b["index"].tolist(), b["caption"])}
     assert all(c in records[i]["captions"]["prompt_en"] + records[i]["captions"]["prompt_zh"] for i, c in drawn)
     assert len({c for _, c in drawn}) > len({i for i, _ in drawn})  # alternatives, not one prompt an item
+
+
+def test_category_weights_oversample_a_category_and_leave_validation_uniform(world):
+    def data(weights):
+        module = CodesDataModule(str(world["codes"]), batch_size=8, captions="prompt", strict_captions=True,
+                                 val_items=16, category_weights=weights)
+        module.setup()
+        return module
+
+    def share(batches, category):
+        return sum(caption_category(c) == category for b in batches for c in b["caption"]) / (8 * len(batches))
+
+    uniform, weighted = data(None), data({"color_attr": 20.0, "position": 0.05})
+    plain, heavy = ([m.train_set.make_batch(k) for k in range(30)] for m in (uniform, weighted))
+    assert [b["index"].tolist() for b in plain] == [b["index"].tolist() for b in heavy]  # same items, other captions
+    records = CodeSet.load(world["codes"]).records
+    assert all(c in records[i]["captions"]["prompt_en"] + records[i]["captions"]["prompt_zh"]
+               for b in heavy for i, c in zip(b["index"].tolist(), b["caption"]))
+    assert share(heavy, "color_attr") > share(plain, "color_attr") + 0.15
+    assert share(heavy, "position") < share(plain, "position") - 0.1
+    binding = [(i, c) for b in heavy for i, c in zip(b["index"].tolist(), b["caption"])
+               if any(caption_category(t) == "color_attr" for t in records[i]["captions"]["prompt_en"])]
+    assert binding and sum(caption_category(c) == "color_attr" for _, c in binding) >= 0.8 * len(binding)
+    assert ([b["caption"] for b in uniform.val_dataloader()] == [b["caption"] for b in weighted.val_dataloader()])
+    assert [b["caption"] for b in heavy[5:8]] == [weighted.train_set.make_batch(k)["caption"] for k in (5, 6, 7)]
+    with pytest.raises(ValueError, match="use categories of"):
+        data({"colour_binding": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        data({"color_attr": 0.0})
 
 
 # --- the stage modules ---------------------------------------------------------------------------

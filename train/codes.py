@@ -29,6 +29,7 @@ Reading:
     codes = CodeSet.load("runs/shapes/codes")       # checks format and shapes, one-line errors
     codes.grid(128), codes.codes[128][i]            # (8, 8), int16 as stored (batches hand out int64)
     codes.caption(i, rng, kind="mixed", lang="both")
+    codes.caption(i, rng, kind="prompt", weights={"color_attr": 3.0})   # oversample a category's prompts
 
 Training data is a pure function of the global sample position p (the p-th sample the run
 consumes, over all ranks): epoch p // N_train, a permutation seeded by (seed, epoch), and a
@@ -44,6 +45,7 @@ uninterrupted one would: `CodesDataModule` starts its stream at batch
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -58,8 +60,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from mars.errors import first_line
-from mars.shapes import (CATEGORIES, LANGS, describe_scene, format_prompt, random_scene, render, sample_example,
-                         scene_prompts)
+from mars.shapes import (CATEGORIES, LANGS, describe_scene, format_prompt, parse_prompt, random_scene, render,
+                         sample_example, scene_prompts)
 from train.data import ImageCaptionFolder, WebDatasetShards, _distributed, image_to_tensor
 
 FORMAT, VERSION = "mars-codes", 1
@@ -232,6 +234,15 @@ def select_captions(captions: dict[str, str | list[str]], kind: str = "mixed", l
     return matching_captions(captions, kind, lang) or matching_captions(captions)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def caption_category(text: str) -> str | None:
+    """The shapes-world category of a caption ("color_attr", ...), None for any other text."""
+    try:
+        return parse_prompt(text)[0].category
+    except ValueError:
+        return None
+
+
 class CodeSet:
     """A loaded codes directory: `codes[size]` (N, h, w) in the stored integer type (int16 keeps a
     large set 4x smaller in memory than int64), `records[i]`, `meta`."""
@@ -286,9 +297,15 @@ class CodeSet:
         lang ("en", "zh", "both"); when none match, all of its captions (never an empty list)."""
         return select_captions(self.records[index]["captions"], kind, lang)
 
-    def caption(self, index: int, rng: np.random.Generator, kind: str = "mixed", lang: str = "both") -> str:
+    def caption(self, index: int, rng: np.random.Generator, kind: str = "mixed", lang: str = "both",
+                weights: dict[str, float] | None = None) -> str:
+        """One caption of item `index`, uniformly, or with probability proportional to the weight of its
+        shapes-world category when `weights` is given (a category not named, or no category, weighs 1)."""
         options = self.captions(index, kind, lang)
-        return options[int(rng.integers(len(options)))]
+        if not weights:
+            return options[int(rng.integers(len(options)))]
+        p = np.array([weights.get(caption_category(text), 1.0) for text in options])
+        return options[int(rng.choice(len(options), p=p / p.sum()))]
 
 
 # ----------------------------------------------------------------------------- deterministic batches
@@ -323,10 +340,13 @@ def positions(batch: int, batch_size: int, rank: int, world: int) -> range:
 
 
 class CodeSampler:
-    """Global position p -> (item index, caption): a fresh permutation of the items every epoch."""
+    """Global position p -> (item index, caption): a fresh permutation of the items every epoch; each
+    item's caption drawn by `CodeSet.caption` (category `weights` optional)."""
 
-    def __init__(self, code_set: CodeSet, items: Sequence[int], seed: int, kind: str, lang: str):
+    def __init__(self, code_set: CodeSet, items: Sequence[int], seed: int, kind: str, lang: str,
+                 weights: dict[str, float] | None = None):
         self.code_set, self.items, self.seed, self.kind, self.lang = code_set, items, seed, kind, lang
+        self.weights = weights
         self._perm_epoch, self._perm = -1, None
 
     def __call__(self, p: int) -> tuple[int, str]:
@@ -335,7 +355,8 @@ class CodeSampler:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
             self._perm_epoch = epoch
         index = self.items[int(self._perm[offset])]
-        return index, self.code_set.caption(index, np.random.default_rng([self.seed, 1, p]), self.kind, self.lang)
+        rng = np.random.default_rng([self.seed, 1, p])
+        return index, self.code_set.caption(index, rng, self.kind, self.lang, self.weights)
 
 
 class CodeBatches(IndexedBatches):
@@ -362,16 +383,26 @@ class CodesDataModule(L.LightningDataModule):
 
     strict_captions: only items with a caption of the chosen kind and language take part. A
     `prompt` stage then skips the free scenes, whose descriptions (~100 tokens) would otherwise pad
-    nearly every batch of 10-token prompts to their length and double the cost of a step."""
+    nearly every batch of 10-token prompts to their length and double the cost of a step.
+
+    category_weights: oversample (or undersample) the prompts of shapes-world categories among an
+    item's captions during training, e.g. {color_attr: 3}: a two-object scene is also "a circle and
+    a square" and two position prompts, so colour binding would otherwise be a quarter of its draws.
+    Validation keeps uniform draws, so its loss stays comparable across weightings."""
 
     def __init__(self, path: str, batch_size: int = 32, sizes: tuple[int, ...] = (128,), captions: str = "mixed",
                  lang: str = "both", val_items: int = 64, val_batches: int = 2, seed: int = 0, num_workers: int = 0,
-                 strict_captions: bool = False):
+                 strict_captions: bool = False, category_weights: dict[str, float] | None = None):
         super().__init__()
         if captions not in ("mixed", *KINDS):
             raise ValueError(f"captions={captions!r}: use 'mixed' or one of {KINDS}")
         if lang not in ("en", "zh", "both"):
             raise ValueError(f"lang={lang!r}: use 'en', 'zh' or 'both'")
+        for category, weight in (category_weights or {}).items():
+            if category not in CATEGORIES:
+                raise ValueError(f"category_weights names {category!r}: use categories of {CATEGORIES}")
+            if not weight > 0:
+                raise ValueError(f"category_weights[{category!r}] = {weight}: weights must be > 0 (leave a category out to keep its share)")
         self.save_hyperparameters()
         self.code_set: CodeSet | None = None
 
@@ -396,7 +427,8 @@ class CodesDataModule(L.LightningDataModule):
                                  "set strict_captions false or choose another captions kind")
             return kept
 
-        train = CodeSampler(self.code_set, usable(range(0, n - h.val_items)), h.seed, h.captions, h.lang)
+        train = CodeSampler(self.code_set, usable(range(0, n - h.val_items)), h.seed, h.captions, h.lang,
+                            h.category_weights)
         val = CodeSampler(self.code_set, usable(range(n - h.val_items, n)), h.seed + 1, h.captions, h.lang)
         self.train_set = CodeBatches(train, h.batch_size, h.sizes)
         self.val_set = CodeBatches(val, h.batch_size, h.sizes)

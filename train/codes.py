@@ -402,7 +402,8 @@ class CodesDataModule(L.LightningDataModule):
             if category not in CATEGORIES:
                 raise ValueError(f"category_weights names {category!r}: use categories of {CATEGORIES}")
             if not weight > 0:
-                raise ValueError(f"category_weights[{category!r}] = {weight}: weights must be > 0 (leave a category out to keep its share)")
+                raise ValueError(f"category_weights[{category!r}] = {weight}: weights must be > 0 "
+                                 "(leave a category out to keep its share)")
         self.save_hyperparameters()
         self.code_set: CodeSet | None = None
 

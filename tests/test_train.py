@@ -31,7 +31,8 @@ from mars.model import build_qwen, is_trainable
 from mars.pipeline import PromptTokenizer
 from mars.shapes import LANGS, render, write_eval_folder
 from mars.tokenizer import VocabMap, load_qwen_tokenizer
-from train.__main__ import find_resume_checkpoint
+from train.__main__ import fallback_precision, find_resume_checkpoint
+from train.__main__ import main as train_main
 from train.callbacks import FiniteLossGuard, image_grid
 from train.codes import (CodeBatches, CodeSampler, CodeSet, CodesDataModule, caption_category, extract_codes,
                          shapes_item)
@@ -300,6 +301,19 @@ class NaNAtStep(L.LightningModule):
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=4)
+
+
+def test_bf16_trains_in_fp32_on_a_cpu_that_would_emulate_it(monkeypatch):
+    assert fallback_precision("bf16-mixed", "cpu", native_bf16=False) == "32-true"
+    assert fallback_precision("bf16-true", "cpu", native_bf16=False) == "32-true"
+    assert fallback_precision("bf16-mixed", "cpu", native_bf16=True) is None
+    assert fallback_precision("32-true", "cpu", native_bf16=False) is None
+    assert fallback_precision("bf16-mixed", "gpu", native_bf16=False) is None
+    monkeypatch.setattr("train.__main__.cpu_has_bf16", lambda: False)
+    args = ["--config", "train/configs/vq_shapes.yaml", "--trainer.logger", "false",
+            "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed"]
+    assert train_main(args, run=False).trainer.precision == "32-true"
+    assert train_main(args + ["--bf16_fallback", "false"], run=False).trainer.precision == "bf16-mixed"
 
 
 def test_nan_loss_stops_before_it_is_checkpointed(tmp_path):

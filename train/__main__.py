@@ -14,7 +14,7 @@ so a new stage is a new YAML, not new code. On top of LightningCLI:
   last.ckpt (killed mid-write) falls back to the newest readable checkpoint. `--auto_resume false`
   starts afresh;
 - precision: a bf16 precision on a CPU without native bf16 (AVX2 and older: PyTorch emulates it, on
-  one core) trains in 32-true instead, about three times faster there (benchmarks/train_step.py).
+  one core) trains in 32-true instead: 30 times faster on a 2-core AVX2 EPYC (benchmarks/train_step.py).
   `--bf16_fallback false` keeps the configured precision.
 
 Multi-GPU / multi-node: set `trainer.devices`, `trainer.num_nodes` and `trainer.strategy` (ddp or
@@ -86,13 +86,15 @@ class MarsCLI(LightningCLI):
                             help="resume fit from <checkpoint dir>/last.ckpt when it exists and no ckpt_path is given")
         parser.add_argument("--bf16_fallback", type=bool, default=True,
                             help="train a bf16 precision in 32-true on a CPU without native bf16 (emulated bf16 "
-                                 "is about three times slower there)")
+                                 "was 30 times slower than fp32 on an AVX2 CPU)")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        if not config.get("bf16_fallback", True):
+            return
         trainer = config["trainer"]
         wanted = trainer.get("precision")
-        fallback = fallback_precision(wanted, trainer.get("accelerator")) if config.get("bf16_fallback", True) else None
+        fallback = fallback_precision(wanted, trainer.get("accelerator"))
         if fallback is not None:
             rank_zero_info(f"precision {wanted}: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native "
                            f"bf16, which PyTorch emulates on one core: training in {fallback} "

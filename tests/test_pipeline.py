@@ -80,7 +80,11 @@ def test_the_bundle_takes_the_best_tuned_base_and_super_resolution_settings(smok
     trials = json.loads((smoke_run / "sampling.json").read_text())
     base = [t for t in trials if "sr_temperature" not in t["settings"]]
     upsampling = [t for t in trials if "sr_temperature" in t["settings"]]
-    assert len(base) == 3 and len(upsampling) == (2 if pipe.superres is not None else 0)  # the smoke grids
+    assert len(upsampling) == (2 if pipe.superres is not None else 0)  # the smoke grids
+    single = [t["settings"] for t in base if t["settings"]["candidates"] == 1]
+    reranked = [t["settings"] for t in base if t["settings"]["candidates"] == 2]
+    assert len(single) == 2 and len(base) == 4  # fewer settings than finalists: every one is rerun best of 2
+    assert sorted(s["temperature"] for s in reranked) == sorted(s["temperature"] for s in single)
     best = upsampling[0] if upsampling else base[0]
     rank = lambda t: (t["overall"] + t["overall_strict"]) / 2  # noqa: E731
     assert rank(best) == max(map(rank, upsampling or base))

@@ -299,8 +299,10 @@ def tune_sampling(pipe, n: int = 96, seed: int = TUNING_SEED, batch_size: int = 
     trial = lambda settings: _trial(pipe, prompts, seed, batch_size, settings | {"super_resolution": False})  # noqa: E731
     combos = [settings | {"candidates": 1} for settings in _grid(grid or TUNING_GRID)]
     results = _ranked([trial(settings) for settings in tqdm(combos, desc="tuning the sampler", disable=not progress)])
-    reranked = [settings | {"candidates": count} for settings, _ in results[:finalists] for count in candidates if count != 1]
-    return _ranked(results + [trial(settings) for settings in tqdm(reranked, desc="tuning best-of-N", disable=not progress)])
+    reranked = [settings | {"candidates": count}
+                for settings, _ in results[:finalists] for count in candidates if count != 1]
+    bar = tqdm(reranked, desc="tuning best-of-N", disable=not progress)
+    return _ranked(results + [trial(settings) for settings in bar])
 
 
 def tune_superres(pipe, base: dict, n: int = 288, seed: int = TUNING_SEED, batch_size: int = 16,

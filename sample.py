@@ -27,8 +27,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from mars.eval import (OneLineParser, add_sampling_arguments, check_prompts, load_image, load_pipeline,
-                       sampler_flag, sampling_options, write_image_folder)
+from mars.cli import (OneLineParser, add_sampling_arguments, check_prompts, load_pipeline, sampler_flag,
+                      sampling_options, write_image_folder)
+from mars.images import load_image
 
 
 class StepBars:

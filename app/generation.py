@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from mars.errors import first_line
-from mars.shapes import flatten_on_white
+from mars.images import flatten_on_white
 from vq import tensor_to_images
 
 MAX_PROMPT_CHARS = 300  # shapes-world prompts are under 80; a wall of text is a paste gone wrong

@@ -1,6 +1,6 @@
 """MARS in the browser: type a prompt (English or Chinese), tune the sampler, watch the image form.
 
-    streamlit run app/main.py                                   # the model in checkpoints/mars-shapes
+    streamlit run app/main.py --server.address 127.0.0.1        # the shipped default model
     MARS_CHECKPOINT=runs/shapes/bundle streamlit run app/main.py
     MARS_DEVICE=cpu MARS_APP_THREADS=8 streamlit run app/main.py  # device; CPU threads (default: cores - 1)
 
@@ -30,11 +30,13 @@ if str(REPO) not in sys.path:  # `streamlit run app/main.py` puts app/ on sys.pa
 
 from app.generation import (MODEL_LOCK, GalleryItem, GenerationJob, GenerationRequest, check_prompt,  # noqa: E402
                             read_image, sampling_threads, unknown_words)
+from mars.cli import DEFAULT_CHECKPOINT as CLI_DEFAULT_CHECKPOINT  # noqa: E402
+from mars.device import resolve_device  # noqa: E402
 from mars.errors import first_line  # noqa: E402
 
 CHECKPOINT_ENV = "MARS_CHECKPOINT"
 DEVICE_ENV = "MARS_DEVICE"  # e.g. cpu, cuda, cuda:1 (default: cuda when available)
-DEFAULT_CHECKPOINT = "checkpoints/mars-shapes"
+DEFAULT_CHECKPOINT = str(CLI_DEFAULT_CHECKPOINT.relative_to(REPO))  # shown relative in the page
 POLL_SECONDS = 0.3  # how often the progress panel refreshes while a job runs
 CAPTION_WAIT_SECONDS = 300
 MAX_GALLERY = 48  # per session; the oldest images drop off
@@ -48,6 +50,11 @@ log = logging.getLogger("mars.app")
 # for 0.1-0.3 s, and the progress panel reruns several times a second: the sampling thread starved
 # (measured: the tiny model's 1 s job took 10 s in the server). Python's generational GC still runs.
 streamlit_config.set_option("runner.postScriptGC", False)
+# A local model has nothing to deploy: the toolbar keeps only what a reader of the page needs.
+streamlit_config.set_option("client.toolbarMode", "minimal")
+# Shapes are drawn on white, as is the page: a thin frame on a light card shows where an image ends.
+IMAGE_CSS = """<style>[data-testid="stImage"] img {border: 1px solid #c9ced6; border-radius: 6px;
+    background: #f4f6f9; padding: 4px;}</style>"""
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
@@ -57,7 +64,7 @@ def load_pipeline(checkpoint: str):
 
     from mars.pipeline import MarsPipeline
 
-    device = torch.device(os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(os.environ.get(DEVICE_ENV), DEVICE_ENV)
     if device.type == "cpu":
         torch.set_num_threads(sampling_threads())
     return MarsPipeline.from_pretrained(checkpoint, device=device)
@@ -240,6 +247,7 @@ def caption_tab(pipe) -> None:
 def page() -> None:
     st.set_page_config(page_title="MARS text-to-image", page_icon="🎨", layout="wide")
     init_session()
+    st.markdown(IMAGE_CSS, unsafe_allow_html=True)
     st.title("MARS: text to image")
     with st.sidebar:
         st.header("Model")

@@ -5,7 +5,7 @@ the default super-resolution guidance (none; --guidance-scale 3 times classifier
 one random Qwen shared by the three models, all timed in this run, and
 the ratio to k = 1; goal >= 3x at k = 4. The default model is the shipped one's architecture:
 the stage-0 text model of train/configs/shapes_text.yaml (Qwen3, hidden 256, 4 layers) and the
-codebook of vq_shapes.yaml; --config NAME takes a mars/config.py preset instead (e.g. bench-256).
+codebook of shapes_vq.yaml; --config NAME takes a mars/config.py preset instead (e.g. bench-256).
 On a CPU a 4-token step costs more than a 1-token step (the matmuls are compute-bound at this
 width), so k = 4 gains less than its 4x fewer steps; where weights dominate (GPU, wide models)
 a step costs about the same at any k.
@@ -63,7 +63,7 @@ def bench_config(name: str) -> MarsConfig:
         return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
 
     text_config = {**init_args("shapes_text.yaml")["text_config"], "vocab_size": 512, "eos_token_id": 1}
-    return MarsConfig(codebook_size=init_args("vq_shapes.yaml")["vq"]["codebook_size"], image_grid=(8, 8),
+    return MarsConfig(codebook_size=init_args("shapes_vq.yaml")["vq"]["codebook_size"], image_grid=(8, 8),
                       text_config=text_config)
 
 
@@ -122,7 +122,8 @@ def batches(n: int, size: int):
 
 @torch.inference_mode()
 def accuracy_table(args) -> list[str]:
-    from mars.pipeline import DEFAULT_SAMPLING, INDEX_FILE, MarsPipeline, PromptTokenizer, stage_sampling
+    from mars.pipeline import DEFAULT_SAMPLING, INDEX_FILE, MarsPipeline, stage_sampling
+    from mars.tokenizer import PromptTokenizer
     from mars.sampling import generate_images
     from mars.shapes import render
     from vq import VQTokenizer, images_to_tensor
@@ -138,7 +139,7 @@ def accuracy_table(args) -> list[str]:
     sampling, upsampling = stage_sampling(settings)
     if bundle:
         if pipe.superres is None:
-            raise SystemExit(f"{first} has no super-resolution model: train stage 3 and re-export the bundle")
+            raise SystemExit(f"{first} has no super-resolution model: train the superres stage and re-export the bundle")
         extra = [SuperResModel.from_pretrained(path).eval() for path in args.checkpoint[1:]]  # other k, same base
         vq, tokenizer, models = pipe.vq, pipe.tokenizer, [pipe.superres, *extra]
 

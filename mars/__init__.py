@@ -10,7 +10,7 @@ The public names below are imported on first use, so the light command-line tool
 from importlib import import_module
 
 _EXPORTS = {
-    "mars.config": ["PRESETS", "MarsConfig"],
+    "mars.config": ["MODEL_PRESETS", "MarsConfig"],
     "mars.model": [
         "MarsModel",
         "MarsOutput",

@@ -2,7 +2,7 @@
 
 The Qwen itself is described either by a local directory (`text_model`, loaded with
 `from_pretrained`, no hub) or by a dict of Qwen config fields (`text_config`, for random models
-in tests, benchmarks and meta-device parameter counts). Presets live in `PRESETS`:
+in tests, benchmarks and meta-device parameter counts). Presets live in `MODEL_PRESETS`:
 
     from mars import MarsConfig, MarsModel
     model = MarsModel.from_config(MarsConfig.from_name("tiny-qwen3", image_grid=(16, 16)))
@@ -79,9 +79,9 @@ class MarsConfig(JsonConfig):
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> MarsConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown MarsConfig preset {name!r}: choose one of {sorted(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown MarsConfig preset {name!r}: choose one of {sorted(MODEL_PRESETS)}")
+        return replace(MODEL_PRESETS[name], **overrides)
 
 
 def _qwen(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, **extra) -> dict:
@@ -99,7 +99,7 @@ def _qwen(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, 
     )
 
 
-PRESETS: dict[str, MarsConfig] = {
+MODEL_PRESETS: dict[str, MarsConfig] = {
     # Tests: tiny random Qwens, fp32, milliseconds per step on one core.
     "tiny-qwen2": MarsConfig(
         codebook_size=64, text_config=_qwen("qwen2", 64, 2, 4, 2, 128, 512, eos_token_id=1)

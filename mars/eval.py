@@ -3,16 +3,17 @@
     python -m mars.eval --images DIR          # per-category / overall table, plain and strict
     python -m mars.eval --images DIR --json   # the same as JSON
     python -m mars.eval --generate --n 300 --lang both [--checkpoint DIR] [--seed S] [--cfg 3] [--no-sr] [--out DIR]
+    python -m mars.eval --generate --n 300 --failures failures.png   # and a contact sheet of the failed images
+    python -m mars.eval --vq checkpoints/vq-shapes --n 200 --size 256 --seed 1234   # a VQ tokenizer's round trips
 
 DIR holds the images and captions.jsonl (`file` or `image`, `caption`) or prompts.jsonl (`file`,
 `prompt`), e.g. from `python -m mars.shapes --out DIR` (a generator's own images score 1.0).
 `--generate` samples fresh seeded category prompts (the six categories in turn) with a MARS bundle
 (default checkpoints/mars-shapes), in batches, scores the images and prints the same table;
-`--out DIR` keeps the images and prompts.jsonl, so `--images DIR` rescores them.
+`--out DIR` keeps the images and prompts.jsonl, so `--images DIR` rescores them. `--vq DIR` renders
+fresh scenes, round-trips them through the tokenizer and reports how often the scorer's verdict
+survives, PSNR and codebook usage.
 Library use: `evaluate([(prompt, pil_image), ...])` -> report dict; `format_table(report)`.
-
-The sampling options (`add_sampling_arguments`, `load_pipeline`, `check_prompts`) serve sample.py
-too; their range and prompt checks are MarsPipeline's own (SAMPLER_LIMITS, encode_prompts).
 Tests: `pytest tests/test_eval.py tests/test_sample.py`.
 """
 
@@ -21,18 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from mars.shapes import CATEGORIES, LANGS, format_prompt, random_spec, score, summarize
+from mars.cli import (POSITIVE_INT, OneLineParser, add_sampling_arguments, check_prompts, load_pipeline,
+                      sampling_options, write_image_folder)
+from mars.images import load_image
+from mars.shapes import (CATEGORIES, LANGS, format_prompt, parse_prompt, random_spec, score, summarize,
+                         write_eval_folder)
 
 LISTINGS = (("captions.jsonl", "caption"), ("prompts.jsonl", "prompt"))
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "mars-shapes"
-DTYPES = ("float32", "bfloat16", "float16")
+SHEET_TILE = 128  # px of one image in a --failures sheet
+SHEET_COLUMNS = 6
 
 
 def read_listing(folder: str | Path) -> list[tuple[Path, str]]:
@@ -64,15 +69,6 @@ def read_listing(folder: str | Path) -> list[tuple[Path, str]]:
     if not entries:
         raise ValueError(f"{listing} lists no images")
     return entries
-
-
-def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except OSError as error:
-        raise OSError(f"cannot read image {path}: {error}") from None
 
 
 def evaluate(pairs, progress: bool = True, total: int | None = None) -> dict:
@@ -115,123 +111,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- sampling options (shared with sample.py)
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line (no usage dump) and exit with code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _bounded(kind, limit):
-    """An argparse type: a `kind` (int or float) that limit() = (accepts, wanted) accepts, else a usage error."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        accepts, wanted = limit()
-        if not accepts(value):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: use {wanted}")
-        return value
-    return parse
-
-
-def sampler_flag(kind, setting: str):
-    """The argparse type of a MarsPipeline sampler setting, checked by the pipeline's own SAMPLER_LIMITS
-    (imported only when such a flag is given, so `--images` runs never load torch)."""
-    def limit():
-        from mars.pipeline import SAMPLER_LIMITS
-
-        return SAMPLER_LIMITS[setting]
-    return _bounded(kind, limit)
-
-
-POSITIVE_INT = _bounded(int, lambda: (lambda v: v >= 1, "an integer >= 1"))
-NON_NEGATIVE_INT = _bounded(int, lambda: (lambda v: v >= 0, "an integer >= 0"))
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser, batch_size: bool = False) -> None:
-    """The model and sampler flags of sample.py and `mars.eval --generate`."""
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help=f"MARS bundle directory (default {DEFAULT_CHECKPOINT.parent.name}/{DEFAULT_CHECKPOINT.name})")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="Qwen and experts dtype (default float32)")
-    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="random seed, >= 0 (default 0)")
-    # None: the bundle's setting (model_index.json "sampling", the values the model was tuned with).
-    parser.add_argument("--cfg", type=sampler_flag(float, "guidance_scale"), default=None,
-                        help="classifier-free guidance scale; 1 turns guidance off (default: the model's)")
-    parser.add_argument("--temperature", type=sampler_flag(float, "temperature"), default=None,
-                        help="0 is greedy (default: the model's)")
-    parser.add_argument("--top-k", type=sampler_flag(int, "top_k"), default=None,
-                        help="keep the k likeliest codes; 0 keeps all (default: the model's)")
-    parser.add_argument("--top-p", type=sampler_flag(float, "top_p"), default=None,
-                        help="nucleus sampling mass in (0, 1] (default: the model's)")
-    parser.add_argument("--candidates", type=sampler_flag(int, "candidates"), default=None,
-                        help="base images sampled per image kept: the one whose prompt the model's own "
-                             "image-to-text finds likeliest (default: the model's)")
-    parser.add_argument("--sr-cfg", type=sampler_flag(float, "sr_guidance_scale"), default=None,
-                        help="guidance scale of super-resolution (default: the model's)")
-    parser.add_argument("--sr-temperature", type=sampler_flag(float, "sr_temperature"), default=None,
-                        help="temperature of super-resolution; 0 is greedy (default: the model's)")
-    parser.add_argument("--no-sr", action="store_true", help="skip super-resolution: base images only (128 px)")
-    if batch_size:
-        parser.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="prompts per sampling call")
-
-
-def sampling_options(args: argparse.Namespace) -> dict:
-    """MarsPipeline.__call__ keyword arguments from add_sampling_arguments' flags."""
-    return dict(guidance_scale=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                candidates=args.candidates, sr_guidance_scale=args.sr_cfg, sr_temperature=args.sr_temperature,
-                super_resolution=not args.no_sr)
-
-
-def resolve_device(name: str | None):
-    """A torch.device that exists on this machine, or a ValueError saying what to use instead."""
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or mps")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[device.type]:
-        raise ValueError(f"--device {name}: no {device.type.upper()} device on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def load_pipeline(checkpoint: Path | None, device: str | None = None, dtype: str | None = None):
-    """MarsPipeline from a bundle directory (None: the shipped default), errors as one-line OSError/ValueError."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from mars.pipeline import INDEX_FILE, MarsPipeline
-
-    torch_device = resolve_device(device)  # before the slow load
-    if checkpoint is None:
-        checkpoint = DEFAULT_CHECKPOINT
-        if not (checkpoint / INDEX_FILE).is_file():
-            raise FileNotFoundError(f"the default model {checkpoint} is missing: train one with "
-                                    "`python -m train.pipeline --preset shapes` (it writes runs/shapes/bundle) "
-                                    "and pass --checkpoint runs/shapes/bundle, or copy it to that folder")
-    hf_logging.disable_progress_bar()  # our own bars report progress; the weight-loading bar is noise
-    return MarsPipeline.from_pretrained(checkpoint, device=torch_device,
-                                        dtype=getattr(torch, dtype) if dtype else None)
-
-
-def check_prompts(pipe, prompts: list[str], super_resolution: bool = True) -> None:
-    """All prompts checked before any is sampled: MarsPipeline.encode_prompts, strict (tokens the model
-    never saw are an error here, not a silent unknown token). One-line ValueError."""
-    pipe.encode_prompts(prompts, super_resolution, strict=True)
-
-
 # ----------------------------------------------------------------------------- --generate
 
 def category_prompts(n: int, langs: tuple[str, ...], seed: int) -> list[dict]:
@@ -259,73 +138,69 @@ def sample_images(pipe, prompts: list[str], batch_size: int, seed: int, options:
     return images
 
 
-# Sampler settings tried by tune_sampling, and the prompt seed it uses: not the evaluation's (0), so
-# the reported accuracy comes from prompts the settings were not chosen on.
-TUNING_GRID = {"guidance_scale": (2.0, 3.0, 5.0), "temperature": (0.7, 1.0), "top_k": (0, 16)}
-TUNING_CANDIDATES = (1, 8)
-TUNING_FINALISTS = 3  # single-sample winners rerun with each larger candidate count
-SUPERRES_TUNING_GRID = {"sr_guidance_scale": (1.0, 3.0), "sr_temperature": (0.0, 0.7)}
-TUNING_SEED = 1_000_003
+def failure_sheet(pairs, report: dict) -> Image.Image | None:
+    """The images whose prompt failed, tiled with their prompt under each (a Chinese prompt is shown
+    by its English twin, which the default font can draw) -> one RGB sheet, or None when none failed."""
+    failed = [(prompt, image) for (prompt, image), verdict in zip(pairs, report["verdicts"]) if not verdict["passed"]]
+    if not failed:
+        return None
+    font = ImageFont.load_default(size=10)
+    label_height = 26
+    rows = -(-len(failed) // SHEET_COLUMNS)
+    sheet = Image.new("RGB", (SHEET_COLUMNS * SHEET_TILE, rows * (SHEET_TILE + label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (prompt, image) in enumerate(failed):
+        x, y = index % SHEET_COLUMNS * SHEET_TILE, index // SHEET_COLUMNS * (SHEET_TILE + label_height)
+        sheet.paste(image.convert("RGB").resize((SHEET_TILE, SHEET_TILE)), (x, y))
+        draw.rectangle((x, y, x + SHEET_TILE - 1, y + SHEET_TILE - 1), outline=(200, 200, 200))
+        spec, lang = parse_prompt(prompt)
+        label = prompt if lang == "en" else "zh: " + format_prompt(spec, "en")
+        words, lines = label.split(), [""]
+        for word in words:  # wrap into at most two lines of the tile's width
+            trial = f"{lines[-1]} {word}".strip()
+            if draw.textlength(trial, font=font) <= SHEET_TILE - 4 or not lines[-1]:
+                lines[-1] = trial
+            elif len(lines) < 2:
+                lines.append(word)
+            else:
+                lines[-1] += "…"
+                break
+        draw.multiline_text((x + 2, y + SHEET_TILE + 1), "\n".join(lines), fill="black", font=font, spacing=1)
+    return sheet
 
 
-def _ranked(results: list) -> list:
-    return sorted(results, key=lambda r: -(r[1]["overall"] + r[1]["overall_strict"]) / 2)
+def verdicts_agree(captions: list[str], originals, reconstructions) -> list[bool]:
+    """Per image: does the scorer give the reconstruction the same plain verdict as the original?
+    originals, reconstructions: (B, 3, H, W) tensors in [-1, 1]."""
+    from vq import tensor_to_images
+
+    return [score(caption, original).passed == score(caption, rebuilt).passed
+            for caption, original, rebuilt in zip(captions, tensor_to_images(originals),
+                                                  tensor_to_images(reconstructions))]
 
 
-def _grid(grid: dict) -> list[dict]:
-    import itertools
+def evaluate_tokenizer(tokenizer, n: int = 200, size: int = 256, seed: int = 1234, batch_size: int = 16,
+                       progress: bool = True) -> dict:
+    """Verdict agreement, PSNR and codebook usage of a VQ tokenizer on n fresh shapes-world images of
+    side `size` (the evaluation folder writer's categories in turn, English and Chinese)."""
+    import torch
 
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    from vq.reconstruct import codebook_stats, reconstruct_folder
 
-
-def _trial(pipe, prompts: list[str], seed: int, batch_size: int, settings: dict) -> tuple[dict, dict]:
-    """(settings, summary) of one image per prompt sampled with `settings` (pipeline keywords)."""
-    images = sample_images(pipe, prompts, batch_size, seed, settings, progress=False)
-    shown = {k: v for k, v in settings.items() if k != "super_resolution"}
-    return shown, summarize([score(p, im) for p, im in zip(prompts, images)])
-
-
-def tune_sampling(pipe, n: int = 96, seed: int = TUNING_SEED, batch_size: int = 16, grid: dict | None = None,
-                  candidates: tuple[int, ...] = TUNING_CANDIDATES, finalists: int = TUNING_FINALISTS,
-                  progress: bool = True) -> list[tuple[dict, dict]]:
-    """Base-stage sampler settings chosen on n category prompts (both languages, base images)
-    -> [(settings, summary)] best first by the mean of overall and strict accuracy.
-
-    Every combination of `grid` (default TUNING_GRID) is sampled with one candidate, then the best
-    `finalists` of them with each larger number of `candidates` (self-reranking costs that many
-    samples an image). Not just the single best: reranking can favour another setting (a CPU-trained
-    base scored CFG 3 above CFG 2 at best of 8, checkpoints/README.md "The CPU-only path")."""
-    prompts = [row["prompt"] for row in category_prompts(n, LANGS, seed)]
-    trial = lambda settings: _trial(pipe, prompts, seed, batch_size, settings | {"super_resolution": False})  # noqa: E731
-    combos = [settings | {"candidates": 1} for settings in _grid(grid or TUNING_GRID)]
-    results = _ranked([trial(settings) for settings in tqdm(combos, desc="tuning the sampler", disable=not progress)])
-    reranked = [settings | {"candidates": count}
-                for settings, _ in results[:finalists] for count in candidates if count != 1]
-    bar = tqdm(reranked, desc="tuning best-of-N", disable=not progress)
-    return _ranked(results + [trial(settings) for settings in bar])
-
-
-def tune_superres(pipe, base: dict, n: int = 288, seed: int = TUNING_SEED, batch_size: int = 16,
-                  grid: dict | None = None, progress: bool = True) -> list[tuple[dict, dict]]:
-    """Super-resolution settings (default SUPERRES_TUNING_GRID) for the base settings `base`, scored on
-    the upsampled images of n category prompts -> [(settings, summary)] best first. The seed fixes the
-    base images, so every trial upsamples the same ones. Three times the base tuning's prompts: the
-    settings differ by a few hundredths, and 96 prompts once chose a setting that lost by 0.017 on 300."""
-    prompts = [row["prompt"] for row in category_prompts(n, LANGS, seed)]
-    combos = _grid(grid or SUPERRES_TUNING_GRID)
-    return _ranked([_trial(pipe, prompts, seed, batch_size, base | settings)
-                    for settings in tqdm(combos, desc="tuning super-resolution", disable=not progress)])
-
-
-def write_image_folder(folder: Path, images: Iterable[Image.Image], records: Iterable[dict]) -> None:
-    """folder/000000.png ... and folder/prompts.jsonl ({"file", **record} a line): what --images reads.
-    Lazy `images` are written one by one as they come."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "prompts.jsonl", "w", encoding="utf-8") as listing:
-        for index, (image, record) in enumerate(zip(images, records, strict=True)):
-            name = f"{index:06d}.png"
-            image.save(folder / name)
-            listing.write(json.dumps({"file": name, **record}, ensure_ascii=False) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        originals, rebuilt = Path(tmp, "originals"), Path(tmp, "rebuilt")
+        write_eval_folder(originals, n, size, seed)
+        result = reconstruct_folder(tokenizer, originals, rebuilt, batch_size)
+        agree, strict_agree, passed = [], [], []
+        for path, caption in tqdm(read_listing(originals), desc="scoring", unit="img", disable=not progress):
+            before, after = score(caption, load_image(path)), score(caption, load_image(rebuilt / path.name))
+            agree.append(before.passed == after.passed)
+            strict_agree.append(before.strict == after.strict)
+            passed.append(before.passed)
+    counts = torch.bincount(result["codes"], minlength=tokenizer.codebook_size).float()
+    return {"n": n, "size": size, "seed": seed, "agreement": sum(agree) / n,
+            "strict_agreement": sum(strict_agree) / n, "originals_passed": sum(passed) / n,
+            "psnr": result["psnr"], **codebook_stats(counts), "codebook_size": tokenizer.codebook_size}
 
 
 def generate_report(args: argparse.Namespace) -> dict:
@@ -339,7 +214,14 @@ def generate_report(args: argparse.Namespace) -> dict:
     images = sample_images(pipe, prompts, args.batch_size, args.seed, options, progress=not args.json)
     if args.out is not None:
         write_image_folder(args.out, images, rows)
-    return evaluate(zip(prompts, images), progress=not args.json, total=len(images))
+    report = evaluate(zip(prompts, images), progress=not args.json, total=len(images))
+    if args.failures is not None:
+        sheet = failure_sheet(zip(prompts, images), report)
+        if sheet is None:
+            print(f"no image failed: {args.failures} not written", file=sys.stderr)
+        else:
+            sheet.save(args.failures)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,14 +229,25 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder with images and captions.jsonl or prompts.jsonl")
     source.add_argument("--generate", action="store_true", help="sample the category prompts with a MARS bundle")
+    source.add_argument("--vq", type=Path, metavar="DIR", help="round-trip fresh scenes through this VQ tokenizer")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    generation = parser.add_argument_group("--generate options")
-    generation.add_argument("--n", type=POSITIVE_INT, default=300, help="images to sample (default 300)")
+    generation = parser.add_argument_group("--generate and --vq options")
+    generation.add_argument("--n", type=POSITIVE_INT, default=300, help="images to sample or render (default 300)")
     generation.add_argument("--lang", choices=(*LANGS, "both"), default="both", help="prompt language (default both)")
     generation.add_argument("--out", type=Path, default=None, help="also save the images and prompts.jsonl here")
+    generation.add_argument("--failures", type=Path, default=None, metavar="PNG",
+                            help="also write the failed images, tiled with their prompts, to this PNG")
+    generation.add_argument("--size", type=POSITIVE_INT, default=256, help="--vq: image side in px (default 256)")
     add_sampling_arguments(generation, batch_size=True)
     args = parser.parse_args(argv)
     try:
+        if args.vq is not None:
+            from vq import VQTokenizer
+
+            figures = evaluate_tokenizer(VQTokenizer.from_pretrained(args.vq), args.n, args.size, args.seed,
+                                         args.batch_size, progress=not args.json)
+            print(json.dumps(figures, indent=2))
+            return 0
         if args.generate:
             report = generate_report(args)
         else:

@@ -46,10 +46,10 @@ from torch import Tensor
 
 from mars.config import MarsConfig
 from mars.errors import first_line
+from mars.images import flatten_on_white
 from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel, cast_floats
 from mars.sampling import caption_images, caption_nll, generate_images
-from mars.shapes import flatten_on_white
-from mars.tokenizer import VOCAB_MAP_FILE, VocabMap, save_tokenizer
+from mars.tokenizer import PromptTokenizer
 from vq import VQTokenizer, images_to_tensor, tensor_to_images
 
 INDEX_FILE = "model_index.json"
@@ -58,58 +58,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 # ----------------------------------------------------------------------------- prompt tokenizer
-
-class PromptTokenizer:
-    """Text <-> the model's token ids: a Hugging Face tokenizer, or a VocabMap over one (trimmed vocabulary)."""
-
-    def __init__(self, tokenizer, vocab_map: VocabMap | None = None):
-        self.tokenizer, self.vocab_map = tokenizer, vocab_map
-
-    def encode(self, text: str, strict: bool = False) -> list[int]:
-        """Text -> the model's ids. A trimmed vocabulary maps tokens it never kept to its unk row, or,
-        when `strict`, raises the VocabMap's one-line ValueError naming them (a full vocabulary has none)."""
-        if self.vocab_map is not None:
-            return self.vocab_map.encode(text, strict)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        if self.vocab_map is not None:
-            return self.vocab_map.decode(ids, skip_special_tokens=True)
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    @property
-    def eos_id(self) -> int | None:
-        return self.vocab_map.eos_id if self.vocab_map is not None else self.tokenizer.eos_token_id
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.vocab_map.pad_id if self.vocab_map is not None else self.tokenizer.pad_token_id
-        return 0 if pad is None else pad
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> PromptTokenizer:
-        """tokenizer.json (+ vocab_map.json) from `directory`, e.g. a Qwen dir or a bundle's tokenizer/."""
-        from transformers import AutoTokenizer
-
-        directory = Path(directory)
-        if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {directory}: point at a Qwen directory with its tokenizer "
-                                    "files (python -m mars.tokenizer --out DIR writes them)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        except Exception as error:  # tokenizers raises several types for a garbled file
-            reason = first_line(error)
-            raise ValueError(f"tokenizer files in {directory} are unreadable ({reason}): "
-                             "rewrite them with python -m mars.tokenizer --out DIR") from None
-        vocab_map = VocabMap.load(directory, tokenizer) if (directory / VOCAB_MAP_FILE).is_file() else None
-        return cls(tokenizer, vocab_map)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        save_tokenizer(self.tokenizer, directory)
-        if self.vocab_map is not None:
-            self.vocab_map.save(directory)
-
 
 def load_text_model(directory: Path, dtype: torch.dtype | None = None):
     """The frozen Qwen of a bundle (Hugging Face format), with a one-line error when it is unreadable."""
@@ -153,7 +101,7 @@ SAMPLER_LIMITS: dict[str, tuple[Callable[[object], bool], str]] = {
 # What a call leaves out when its bundle names nothing else. Super-resolution has its own guidance and
 # temperature: its 2x2 blocks are nearly determined by the low-resolution code above them, so sampling
 # them adds noise the base image never had (greedy, unguided upsampling lost 0.02 accuracy where the
-# base's settings lost 0.09, checkpoints/README.md); top_k/top_p serve both stages.
+# base's settings lost 0.09, docs/experiments.md); top_k/top_p serve both stages.
 DEFAULT_SAMPLING = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": None, "top_p": 1.0, "candidates": 1,
                     "sr_guidance_scale": 1.0, "sr_temperature": 0.0}
 

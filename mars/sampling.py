@@ -27,6 +27,13 @@ from mars.semvie import KVCache, ModalityRouter
 StepCallback = Callable[[int, int, Tensor], None]  # (step, total, codes so far (B, step + 1))
 
 
+def guided(logits: Tensor, batch: int, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance: rows [:batch] conditional, [batch:] unconditional -> (batch, ...) logits
+    pushed away from the unconditional ones (guidance_scale 1 returns the conditional rows)."""
+    cond, uncond = logits[:batch], logits[batch:]
+    return cond + (guidance_scale - 1.0) * (cond - uncond)
+
+
 def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> Tensor:
     """logits (B, V) -> token (B,). temperature <= 0 is greedy."""
@@ -124,8 +131,7 @@ def generate(model: MarsModel, prefixes: Sequence[Sequence[int]], *, uncond_pref
     all_logits = []
     for step in range(num_codes):
         if uncond_prefixes is not None:
-            cond, uncond = logits[:batch], logits[batch:]
-            logits = cond + (guidance_scale - 1.0) * (cond - uncond)
+            logits = guided(logits, batch, guidance_scale)
         if return_logits:
             all_logits.append(logits)
         codes[:, step] = sample_logits(logits, temperature, top_k, top_p, generator)

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from mars.images import flatten_on_white
+
 SHAPES = ("circle", "square", "triangle")
 SHAPES_ZH = {"circle": "圆形", "square": "正方形", "triangle": "三角形"}
 PALETTE = {
@@ -455,14 +457,6 @@ def shape_of(area: int, box: tuple[int, int, int, int]) -> str:
     if 0.66 <= fill < 0.86:
         return "circle"
     return "triangle" if 0.36 <= fill < 0.64 else "unknown"
-
-
-def flatten_on_white(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels become the world's white background."""
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _as_rgb(image) -> np.ndarray:

@@ -34,7 +34,7 @@ doubles the training sequence and makes k = 1 differ from next-token prediction.
     high = upsample_codes(sr, ["a red circle"], low_codes, tokenizer=tok, guidance_scale=3.0)  # (B, 16, 16)
     sr.save_pretrained("out/sr"); SuperResModel.from_pretrained("out/sr")
 
-Training: train/superres.py (stage 3). Tests: `pytest tests/test_superres.py`; speed and
+Training: train/superres.py (the superres stage). Tests: `pytest tests/test_superres.py`; speed and
 accuracy per k: `python benchmarks/superres.py`.
 """
 
@@ -55,7 +55,7 @@ from transformers import PreTrainedModel
 from mars.config import JsonConfig, MarsConfig
 from mars.model import (CONFIG_NAME, WEIGHTS_NAME, MarsModel, apply_trainable_filter, cast_floats, encode_texts,
                         is_trainable, pad_sequences, read_safetensors)
-from mars.sampling import StepCallback, sample_logits
+from mars.sampling import StepCallback, guided, sample_logits
 from mars.semvie import ModalityRouter
 
 BLOCK = 2  # a low-resolution code covers BLOCK x BLOCK high-resolution codes
@@ -361,8 +361,8 @@ def generate_groups(model: SuperResModel, prompts: Sequence[Sequence[int]], low_
     model.check_codes(low_codes, config.low_grid, "low_codes")
     if len(prompts) != len(low_codes):
         raise ValueError(f"{len(prompts)} prompts for {len(low_codes)} low-resolution grids: give one prompt per grid")
-    batch, guided = len(prompts), guidance_scale != 1.0
-    rows = [list(p) for p in prompts] + ([[]] * batch if guided else [])
+    batch, guidance = len(prompts), guidance_scale != 1.0
+    rows = [list(p) for p in prompts] + ([[]] * batch if guidance else [])
     copies = len(rows) // batch
     device = model.image_start_embed.device
     prompt_ids, prompt_mask = pad_sequences(rows, pad_id=0, side="left")
@@ -382,10 +382,7 @@ def generate_groups(model: SuperResModel, prompts: Sequence[Sequence[int]], low_
         mask = group_attention_mask(groups[:end], valid[:, :end], x.shape[1])
         hidden = model.mars.model(x, ModalityRouter(is_image), positions[:, end - x.shape[1]:end], mask, cache)
         logits = model.mars.image_head(hidden[:, -k:])  # (R, k, codebook)
-        if not guided:
-            return logits
-        cond, uncond = logits[:batch], logits[batch:]
-        return cond + (guidance_scale - 1.0) * (cond - uncond)
+        return guided(logits, batch, guidance_scale) if guidance else logits
 
     codes = low.flatten(1)[:batch, model.slot_parent].clone()  # (B, N): parents until decoded
     first = torch.cat([x_prefix, model.group_inputs(queries, None, 0)], dim=1)  # prefix + group 0 in one forward

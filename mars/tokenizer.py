@@ -365,6 +365,58 @@ class VocabMap:
         return vocab_map
 
 
+class PromptTokenizer:
+    """Text <-> the model's token ids: a Hugging Face tokenizer, or a VocabMap over one (trimmed vocabulary)."""
+
+    def __init__(self, tokenizer, vocab_map: VocabMap | None = None):
+        self.tokenizer, self.vocab_map = tokenizer, vocab_map
+
+    def encode(self, text: str, strict: bool = False) -> list[int]:
+        """Text -> the model's ids. A trimmed vocabulary maps tokens it never kept to its unk row, or,
+        when `strict`, raises the VocabMap's one-line ValueError naming them (a full vocabulary has none)."""
+        if self.vocab_map is not None:
+            return self.vocab_map.encode(text, strict)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.vocab_map is not None:
+            return self.vocab_map.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.vocab_map.eos_id if self.vocab_map is not None else self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.vocab_map.pad_id if self.vocab_map is not None else self.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> PromptTokenizer:
+        """tokenizer.json (+ vocab_map.json) from `directory`, e.g. a Qwen dir or a bundle's tokenizer/."""
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {directory}: point at a Qwen directory with its tokenizer "
+                                    "files (python -m mars.tokenizer --out DIR writes them)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        except Exception as error:  # tokenizers raises several types for a garbled file
+            reason = first_line(error)
+            raise ValueError(f"tokenizer files in {directory} are unreadable ({reason}): "
+                             "rewrite them with python -m mars.tokenizer --out DIR") from None
+        vocab_map = VocabMap.load(directory, tokenizer) if (directory / VOCAB_MAP_FILE).is_file() else None
+        return cls(tokenizer, vocab_map)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        save_tokenizer(self.tokenizer, directory)
+        if self.vocab_map is not None:
+            self.vocab_map.save(directory)
+
+
 def trim_vocab_rows(weight: torch.Tensor, vocab_map: VocabMap) -> torch.Tensor:
     """Keep the rows of an embedding or lm_head weight (V, D) that `vocab_map` keeps -> (len(vocab_map), D).
 

@@ -50,9 +50,9 @@ def tiny_bundle(tmp_path_factory) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mars.model import MarsModel
-    from mars.pipeline import MarsPipeline, PromptTokenizer
+    from mars.pipeline import MarsPipeline
     from mars.superres import SuperResConfig, SuperResModel
-    from mars.tokenizer import VocabMap, load_qwen_tokenizer
+    from mars.tokenizer import PromptTokenizer, VocabMap, load_qwen_tokenizer
     from vq import VQTokenizer
 
     root = tmp_path_factory.mktemp("tiny_bundle")

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 import sample
+from mars import cli as mars_cli
 from mars import eval as mars_eval
 from mars.pipeline import MarsPipeline
 from mars.shapes import CATEGORIES, render, scene_for_prompt
@@ -122,7 +123,7 @@ def test_unreadable_checkpoints_and_inputs_exit_2(capsys, tiny_bundle, tmp_path,
         (["--caption", broken_image, "--checkpoint", tiny_bundle], "cannot read image"),
         (["--prompts", tmp_path / "none.txt", "--outdir", tmp_path / "out"], "cannot read prompts file"),
     ]
-    monkeypatch.setattr(mars_eval, "DEFAULT_CHECKPOINT", tmp_path / "checkpoints" / "mars-shapes")
+    monkeypatch.setattr(mars_cli, "DEFAULT_CHECKPOINT", tmp_path / "checkpoints" / "mars-shapes")
     cases.append((["a circle"], f"the default model {tmp_path / 'checkpoints' / 'mars-shapes'} is missing: train one "
                                 "with `python -m train.pipeline --preset shapes`"))
     for argv, message in cases:
@@ -260,6 +261,6 @@ def test_eval_generate_bad_input_exits_2(capsys, tmp_path, monkeypatch):
         mars_eval.main(["--generate", "--cfg", "-1"])
     assert exited.value.code == 2
     assert only_line(capsys.readouterr().err).startswith("python -m mars.eval: error: argument --cfg: -1")
-    monkeypatch.setattr(mars_eval, "DEFAULT_CHECKPOINT", tmp_path / "mars-shapes")
+    monkeypatch.setattr(mars_cli, "DEFAULT_CHECKPOINT", tmp_path / "mars-shapes")
     code, out, err = run_eval(capsys, "--generate", "--n", "6")
     assert code == 2 and "python -m train.pipeline --preset shapes" in only_line(err)

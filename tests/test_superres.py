@@ -335,7 +335,7 @@ def test_tiny_model_overfits_and_greedy_group_decoding_returns_the_targets(group
 
 
 def _stage_dirs(tmp_path):
-    """Real inputs of stage 3 at tiny sizes: a Qwen directory with tokenizer files, a stage-2 export
+    """Real inputs of the superres stage at tiny sizes: a Qwen directory with tokenizer files, a stage-2 export
     and a codes directory from a tiny VQ (f = 4: 16 px -> 4x4, 32 px -> 8x8 codes)."""
     from mars.model import build_qwen
     from train.codes import extract_codes
@@ -354,7 +354,7 @@ def _stage_dirs(tmp_path):
     return text, tmp_path / "stage2", tmp_path / "codes"
 
 
-def test_stage3_yaml_fits_from_stage2_and_exports(tmp_path):
+def test_superres_yaml_fits_from_stage2_and_exports(tmp_path):
     from train.__main__ import main as train_main
 
     text, stage2, codes_dir = _stage_dirs(tmp_path)
@@ -370,7 +370,7 @@ def test_stage3_yaml_fits_from_stage2_and_exports(tmp_path):
                  "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
                  "--trainer.default_root_dir", str(tmp_path)]
     start = MarsModel.from_pretrained(stage2)
-    cli = train_main(["fit", "--config", "train/configs/shapes_stage3_superres.yaml", *overrides])
+    cli = train_main(["fit", "--config", "train/configs/shapes_superres.yaml", *overrides])
     assert cli.trainer.global_step == 3 and "val/token_accuracy" in cli.trainer.callback_metrics
     trained = cli.model.model.eval()
     # Started from stage 2: the frozen Qwen is the same, the trained code embeddings moved away from stage 2's.
@@ -384,7 +384,7 @@ def test_stage3_yaml_fits_from_stage2_and_exports(tmp_path):
     assert torch.equal(full_logits(exported, [[5], [6, 7]], low, high), full_logits(trained, [[5], [6, 7]], low, high))
 
 
-def test_stage3_checkpoint_holds_only_trainable_weights_and_resumes(tmp_path):
+def test_superres_checkpoint_holds_only_trainable_weights_and_resumes(tmp_path):
     import lightning as L
 
     from train.superres import SuperResCodesDataModule, SuperResLitModule

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from mars.eval import category_prompts
 from mars.model import build_qwen, is_trainable
-from mars.pipeline import PromptTokenizer
+from mars.tokenizer import PromptTokenizer
 from mars.shapes import LANGS, render, write_eval_folder
 from mars.tokenizer import VocabMap, load_qwen_tokenizer
 from train.__main__ import fallback_precision, find_resume_checkpoint
@@ -310,7 +310,7 @@ def test_bf16_trains_in_fp32_on_a_cpu_that_would_emulate_it(monkeypatch):
     assert fallback_precision("32-true", "cpu", native_bf16=False) is None
     assert fallback_precision("bf16-mixed", "gpu", native_bf16=False) is None
     monkeypatch.setattr("train.__main__.cpu_has_bf16", lambda: False)
-    args = ["--config", "train/configs/vq_shapes.yaml", "--trainer.logger", "false",
+    args = ["--config", "train/configs/shapes_vq.yaml", "--trainer.logger", "false",
             "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed"]
     assert train_main(args, run=False).trainer.precision == "32-true"
     assert train_main(args + ["--bf16_fallback", "false"], run=False).trainer.precision == "bf16-mixed"
@@ -336,6 +336,7 @@ def test_image_grid_layout():
 
 # --- fault tolerance and multi-process runs (real CLI subprocesses) ------------------------------
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(world, tmp_path):
     reference = tmp_path / "reference"
     result = run_cli(world, stage_config(world, reference, max_steps=32), tmp_path / "reference.yaml")
@@ -397,6 +398,7 @@ def test_auto_resume_skips_a_torn_last_checkpoint(tmp_path):
     assert find_resume_checkpoint(tmp_path) == tmp_path / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_equal_one_process_with_the_whole_batch(world, tmp_path):
     single = tmp_path / "single"
     result = run_cli(world, stage_config(world, single, max_steps=4, batch_size=8, i2t_ratio=0.0),

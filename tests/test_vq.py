@@ -14,9 +14,12 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from train.__main__ import main as train_main
-from train.vq import MixedSizeBatches, MixedSizeShapes, VQLitModule, codebook_stats, warmup_cosine
+from train.modules import warmup_cosine
+from train.vq import MixedSizeBatches, MixedSizeShapes, VQLitModule
+from vq.reconstruct import codebook_stats
 from vq import VQConfig, VQTokenizer, images_to_tensor, tensor_to_images
-from vq.__main__ import evaluate, export_checkpoint
+from mars.eval import evaluate_tokenizer
+from vq.__main__ import export_checkpoint
 from vq.__main__ import main as vq_main
 from vq.losses import LPIPS, VQLossConfig, edge_map, reconstruction_loss
 
@@ -252,8 +255,8 @@ def test_schedule_and_codebook_stats():
     assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
-    stats = codebook_stats(torch.tensor([5.0, 5.0, 0.0, 0.0]), "x")
-    assert stats == {"x/codebook_usage": 0.5, "x/perplexity": pytest.approx(2.0)}
+    stats = codebook_stats(torch.tensor([5.0, 5.0, 0.0, 0.0]))
+    assert stats == {"codebook_usage": 0.5, "perplexity": pytest.approx(2.0)}
 
 
 def test_tiny_lightning_fit_exports_a_tokenizer(tmp_path):
@@ -284,14 +287,14 @@ def test_tiny_lightning_fit_exports_a_tokenizer(tmp_path):
 
 
 def test_shipped_yaml_builds_an_f16_tokenizer():
-    cli = train_main(["--config", "train/configs/vq_shapes.yaml", "--trainer.logger", "false"], run=False)
+    cli = train_main(["--config", "train/configs/shapes_vq.yaml", "--trainer.logger", "false"], run=False)
     assert isinstance(cli.model, VQLitModule) and isinstance(cli.datamodule, MixedSizeShapes)
     assert cli.model.vq_config == VQConfig.from_name("shapes-f16")  # the preset names what the YAML trains
     assert cli.model.tokenizer.downsample == 16
     assert cli.datamodule.hparams.sizes == [128, 256]
 
 
-def test_reconstruct_and_evaluate_cli(tmp_path, capsys):
+def test_reconstruct_cli_and_tokenizer_evaluation(tmp_path, capsys):
     tok = tiny()
     tok.save_pretrained(tmp_path / "tok")
     source = tmp_path / "in"
@@ -302,7 +305,7 @@ def test_reconstruct_and_evaluate_cli(tmp_path, capsys):
     vq_main(["reconstruct", "--checkpoint", str(tmp_path / "tok"), "--images", str(source), "--out", str(tmp_path / "out")])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "captions.jsonl"]
     assert Image.open(tmp_path / "out" / "a.png").size == (32, 32)
-    figures = evaluate(tok, n=6, size=64, seed=0)
+    figures = evaluate_tokenizer(tok, n=6, size=64, seed=0, progress=False)
     assert figures["n"] == 6 and 0 <= figures["agreement"] <= 1 and 0 < figures["codebook_usage"] <= 1
     assert figures["originals_passed"] == 1.0  # every evaluation image passes its own prompt
     with pytest.raises(SystemExit):

@@ -1,7 +1,7 @@
 """Training entry for every MARS stage: LightningCLI over one YAML per stage (subclass mode).
 
     python -m train fit --config train/configs/shapes_stage1.yaml
-    python -m train fit --config train/configs/vq_shapes.yaml --trainer.max_steps 200   # override anything
+    python -m train fit --config train/configs/shapes_vq.yaml --trainer.max_steps 200   # override anything
     python -m train fit --config A.yaml --config smoke.yaml                              # later files win
 
 The YAML names `model.class_path` and `data.class_path` (any LightningModule / LightningDataModule),

@@ -62,7 +62,7 @@ from tqdm import tqdm
 from mars.errors import first_line
 from mars.shapes import (CATEGORIES, LANGS, describe_scene, format_prompt, parse_prompt, random_scene, render,
                          sample_example, scene_prompts)
-from train.data import ImageCaptionFolder, WebDatasetShards, _distributed, image_to_tensor
+from train.data import ImageCaptionFolder, WebDatasetShards, distributed_rank, image_to_tensor
 
 FORMAT, VERSION = "mars-codes", 1
 META_FILE, CODES_FILE, CAPTIONS_FILE = "meta.json", "codes.safetensors", "captions.jsonl"
@@ -324,7 +324,7 @@ class IndexedBatches(IterableDataset):
         raise NotImplementedError
 
     def __iter__(self):
-        rank, world = _distributed(None, None)
+        rank, world = distributed_rank(None, None)
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         k = self.start_batch + worker

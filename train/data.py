@@ -27,7 +27,8 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mars.shapes import describe_scene, flatten_on_white, random_scene, render, sample_example
+from mars.images import flatten_on_white
+from mars.shapes import describe_scene, random_scene, render, sample_example
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LANG_CHOICES = ("en", "zh", "both")
@@ -87,7 +88,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """(rank, world size): explicit values win, else torch.distributed when initialised, else (0, 1)."""
     if rank is not None or world_size is not None:
         if rank is None or world_size is None or not 0 <= rank < world_size:
@@ -164,7 +165,7 @@ class ShapesWorldStream(ShapesWorldDataset, IterableDataset):
     worker k of K yield items r*K + k, r*K + k + W*K, ..., so no two processes repeat an item."""
 
     def __iter__(self):
-        rank, world = _distributed(self.rank, self.world_size)
+        rank, world = distributed_rank(self.rank, self.world_size)
         worker, workers = _worker()
         index = rank * workers + worker
         while True:
@@ -267,7 +268,7 @@ class WebDatasetShards(IterableDataset):
         return True  # keep reading: webdataset's handler protocol
 
     def __iter__(self):
-        rank, world = _distributed(self.rank, self.world_size)
+        rank, world = distributed_rank(self.rank, self.world_size)
         worker, workers = _worker()
         mine = self.shards[rank::world][worker::workers]
         if len(self.shards) < world * workers and worker == 0:

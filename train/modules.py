@@ -16,6 +16,7 @@ AdamW with linear warm-up and cosine decay, stepped every optimizer step.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mars.model import IGNORE_INDEX, MarsModel, build_batch, build_qwen, pad_sequences, trainable_state_dict
-from mars.pipeline import PromptTokenizer
-from train.vq import warmup_cosine
+from mars.tokenizer import PromptTokenizer
 
 
 @dataclass
@@ -36,6 +36,14 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """LR multiplier: linear warm-up, then cosine down to `floor` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def configure_adamw(module: L.LightningModule, named: list[tuple[str, nn.Parameter]], optim: OptimConfig):

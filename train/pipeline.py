@@ -5,12 +5,12 @@
     python -m train.pipeline --preset shapes --vq checkpoints/vq-shapes   # reuse a trained VQ tokenizer
     python -m train.pipeline --preset shapes --superres checkpoints/mars-shapes/superres   # and a super-resolution model
 
-Stages of the shapes preset: text (stage 0, a small Qwen LM; skipped with --text-model DIR),
-vq (skipped with --vq DIR), codes (extracted once: many scenes at the base size) and codes-superres
-(fewer scenes at both sizes, for super-resolution), stage1 (alignment, t2i + i2t), stage2 (t2i
-refinement, caption dropout) and superres (stage 3, when train/configs/shapes_stage3_superres.yaml exists;
-skipped with --superres DIR, and then its codes-superres too: stage 3 learns from rendered pairs, not from
-stage 2's samples, so a trained one serves a new base model).
+Stages of the shapes preset, each trained by train/configs/shapes_<stage>.yaml: text (a small Qwen LM;
+skipped with --text-model DIR), vq (skipped with --vq DIR), codes (extracted once: many scenes at the
+base size) and codes-superres (fewer scenes at both sizes, for super-resolution), stage1 (alignment,
+t2i + i2t), stage2 (t2i refinement, caption dropout) and superres (multi-token super-resolution;
+skipped with --superres DIR, and then its codes-superres too: superres learns from rendered pairs, not
+from stage 2's samples, so a trained one serves a new base model).
 
 Each fit stage is the documented command, run as a subprocess:
 `python -m train fit --config DIR/<stage>/config.yaml`, where that config is the stage YAML of
@@ -49,17 +49,15 @@ class Stage:
     config: str  # file name in train/configs/
     kind: str = "fit"  # "fit" (a Lightning run) or "codes" (extraction)
     init_from: str | None = None  # the stage whose export model.init_args.init_from points at
-    smoke: str | None = None  # overlay in train/configs/smoke/ (default: the same file name as `config`)
     codes: str = "codes"  # the codes stage whose export data.init_args.path points at
 
 
-PRESETS = {
-    "shapes": (Stage("text", "shapes_text.yaml"), Stage("vq", "vq_shapes.yaml"),
+PIPELINE_PRESETS = {
+    "shapes": (Stage("text", "shapes_text.yaml"), Stage("vq", "shapes_vq.yaml"),
                Stage("codes", "shapes_codes.yaml", kind="codes"),
                Stage("codes-superres", "shapes_codes_superres.yaml", kind="codes"),
                Stage("stage1", "shapes_stage1.yaml"), Stage("stage2", "shapes_stage2.yaml", init_from="stage1"),
-               Stage("superres", "shapes_stage3_superres.yaml", init_from="stage2", smoke="shapes_stage3.yaml",
-                     codes="codes-superres")),
+               Stage("superres", "shapes_superres.yaml", init_from="stage2", codes="codes-superres")),
 }
 
 
@@ -73,7 +71,7 @@ def merge(base: dict, overlay: dict) -> dict:
 
 def load_stage_config(stage: Stage, smoke: bool) -> dict:
     config = yaml.safe_load((CONFIG_DIR / stage.config).read_text())
-    overlay = CONFIG_DIR / "smoke" / (stage.smoke or stage.config)
+    overlay = CONFIG_DIR / "smoke" / stage.config
     if smoke and overlay.is_file():
         config = merge(config, yaml.safe_load(overlay.read_text()) or {})
     return config
@@ -163,7 +161,7 @@ class Runner:
     @functools.cached_property
     def device(self):
         """Where extraction and sampler tuning run: the GPU when there is one (torch loads on first use)."""
-        from mars.eval import resolve_device
+        from mars.device import resolve_device
 
         return resolve_device(None)
 
@@ -197,10 +195,10 @@ class Runner:
                       device=self.device, num_workers=workers)
 
     def tune_sampling(self, pipe) -> dict:
-        """The bundle's default sampler settings: the best of mars.eval.TUNING_GRID on validation prompts
-        (a seed the evaluation does not use), then super-resolution's (mars.eval.SUPERRES_TUNING_GRID) on
+        """The bundle's default sampler settings: the best of mars.tuning.TUNING_GRID on validation prompts
+        (a seed the evaluation does not use), then super-resolution's (mars.tuning.SUPERRES_TUNING_GRID) on
         the upsampled images; every setting's scores go to DIR/sampling.json."""
-        from mars.eval import tune_sampling, tune_superres
+        from mars.tuning import tune_sampling, tune_superres
 
         smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)},
                      candidates=(1, 2))
@@ -235,19 +233,19 @@ class Runner:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="shapes")
+    parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default="shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (tests, CI)")
     parser.add_argument("--out", type=Path, help="run directory (default runs/<preset>[-smoke])")
     parser.add_argument("--vq", help="reuse this VQ tokenizer directory instead of training one")
     parser.add_argument("--text-model", help="reuse this Qwen directory (with tokenizer files) instead of stage 0")
     parser.add_argument("--superres", help="reuse this super-resolution model directory (SuperResModel.save_pretrained, "
-                        "trained over the same text model) instead of stage 3")
+                        "trained over the same text model) instead of the superres stage")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / (args.preset + ("-smoke" if args.smoke else ""))
     runner = Runner(out, args.smoke, args.vq, args.text_model, args.superres)
     start = time.perf_counter()
     stages = []
-    for stage in PRESETS[args.preset]:
+    for stage in PIPELINE_PRESETS[args.preset]:
         if stage.kind == "fit" and not (CONFIG_DIR / stage.config).is_file():
             print(f"[pipeline] {stage.name}: skipped (no train/configs/{stage.config})")
         else:

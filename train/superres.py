@@ -1,6 +1,6 @@
-"""Stage 3: train the multi-token super-resolution model (mars/superres.py) on extracted code pairs.
+"""The superres stage: train the multi-token super-resolution model (mars/superres.py) on extracted code pairs.
 
-    python -m train fit --config train/configs/shapes_stage3_superres.yaml
+    python -m train fit --config train/configs/shapes_superres.yaml
 
 Data: a codes directory (train/codes.py) holding every image at two sizes, e.g. 128 px -> 8x8 and
 256 px -> 16x16 codes of the same scene; `SuperResCodesDataModule` checks the pair and hands out
@@ -28,7 +28,7 @@ import torch
 
 from mars.config import MarsConfig
 from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel, is_trainable
-from mars.pipeline import PromptTokenizer
+from mars.tokenizer import PromptTokenizer
 from mars.superres import SUPERRES_CONFIG_NAME, SUPERRES_WEIGHTS_NAME, SuperResConfig, SuperResModel, \
     build_superres_batch, to_group_order
 from train.codes import CodeBatches, CodesDataModule

@@ -1,6 +1,6 @@
 """Lightning training of the VQ tokenizer (vq/) on shapes-world images at mixed sizes.
 
-    python -m train fit --config train/configs/vq_shapes.yaml
+    python -m train fit --config train/configs/shapes_vq.yaml
 
 `VQLitModule`: L1 + L2 (edge-weighted) reconstruction, commitment, optional LPIPS (local weights
 only) and a PatchGAN discriminator after a warm-up step, under manual optimisation. Logs PSNR and
@@ -12,7 +12,6 @@ of a run depends only on g, so a resumed run (python -m train's auto-resume) see
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 
 import lightning as L
@@ -21,12 +20,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchmetrics import MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from mars.eval import verdicts_agree
 from train.codes import resume_batch
-from train.data import ShapesWorldDataset, _distributed, collate_captions
-from vq.__main__ import verdicts_agree
+from train.data import ShapesWorldDataset, collate_captions, distributed_rank
+from train.modules import warmup_cosine
 from vq.losses import LPIPS, PatchDiscriminator, VQLossConfig, adaptive_gan_weight, hinge_discriminator_loss, \
     reconstruction_loss
 from vq.model import VQConfig, VQTokenizer
+from vq.reconstruct import codebook_stats
 
 
 class MixedSizeBatches(IterableDataset):
@@ -60,7 +61,7 @@ class MixedSizeBatches(IterableDataset):
         return collate_captions([self.sources[j][i] for i in range(first, first + size)])
 
     def __iter__(self):
-        rank, world = _distributed(None, None)
+        rank, world = distributed_rank(None, None)
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         end = (self.start_batch // self.batches + 1) * self.batches  # the end of start_batch's epoch
@@ -95,14 +96,6 @@ class MixedSizeShapes(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)
-
-
-def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
-    """LR multiplier: linear warm-up, then cosine down to `floor` at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class VQLitModule(L.LightningModule):
@@ -181,7 +174,7 @@ class VQLitModule(L.LightningModule):
         self.log(f"train/psnr_{images.shape[-1]}", psnr(out.reconstruction.detach(), images), prog_bar=True)
 
     def on_train_epoch_end(self):
-        self.log_dict(codebook_stats(self.trainer.strategy.reduce(self.train_code_counts, reduce_op="sum"), "train"))
+        self.log_dict(prefixed(codebook_stats(self.trainer.strategy.reduce(self.train_code_counts, reduce_op="sum")), "train"))
         self.train_code_counts.zero_()
 
     # ------------------------------------------------------------------ validation and export
@@ -206,7 +199,7 @@ class VQLitModule(L.LightningModule):
         for metrics in self.val_metrics.values():  # computed here: the per-size metrics are made lazily
             self.log_dict(metrics.compute(), sync_dist=False)
             metrics.reset()
-        self.log_dict(codebook_stats(self.trainer.strategy.reduce(self.val_code_counts, reduce_op="sum"), "val"))
+        self.log_dict(prefixed(codebook_stats(self.trainer.strategy.reduce(self.val_code_counts, reduce_op="sum")), "val"))
         self.val_code_counts.zero_()
 
     def on_save_checkpoint(self, checkpoint):
@@ -224,9 +217,5 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
 
 
-def codebook_stats(counts: torch.Tensor, prefix: str) -> dict[str, float]:
-    """Share of the codebook used and perplexity (exp entropy) of the code histogram."""
-    probs = counts / counts.sum().clamp_min(1)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
-    return {f"{prefix}/codebook_usage": (counts > 0).float().mean().item(),
-            f"{prefix}/perplexity": entropy.exp().item()}
+def prefixed(figures: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}/{name}": value for name, value in figures.items()}

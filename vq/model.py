@@ -80,7 +80,7 @@ VQ_PRESETS = {
     "tiny": dict(patch_size=1, channels=8, channel_mults=(1, 2, 2), decoder_res_blocks=1, latent_dim=16,
                  codebook_size=64, kmeans_init=False),
     # the shipped shapes-world tokenizer, 128 px -> 8x8 codes, 256 px -> 16x16 (the defaults;
-    # train/configs/vq_shapes.yaml trains exactly this, and a test keeps the two equal)
+    # train/configs/shapes_vq.yaml trains exactly this, and a test keeps the two equal)
     "shapes-f16": dict(),
     # the same at f = 8 (128 px -> 16x16 codes)
     "shapes-f8": dict(channel_mults=(1, 2)),

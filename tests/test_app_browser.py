@@ -4,8 +4,11 @@
 
 Needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`; CI installs it) and
 Playwright's Python package; a missing browser fails the test rather than skipping it. The server
-runs on a free loopback port against the tiny bundle (tests/conftest.py) through $MARS_CHECKPOINT.
-Screenshots go to $MARS_SCREENSHOT_DIR when set, else to the test's tmp directory.
+runs on a free loopback port against the tiny bundle (tests/conftest.py), or the bundle named by
+$MARS_SCREENSHOT_CHECKPOINT, through $MARS_CHECKPOINT. The screenshot, app.png, goes to
+$MARS_SCREENSHOT_DIR when set, else to the test's tmp directory. docs/app.png is made by
+
+    MARS_SCREENSHOT_CHECKPOINT=checkpoints/mars-shapes MARS_SCREENSHOT_DIR=docs python -m pytest tests/test_app_browser.py
 """
 
 from __future__ import annotations
@@ -60,12 +63,13 @@ def app_server(tiny_bundle, tmp_path):
     """`streamlit run app/main.py` on a free loopback port; killed (whole process group) afterwards."""
     port = free_port()
     log = tmp_path / "streamlit.log"
+    bundle = (REPO / os.environ["MARS_SCREENSHOT_CHECKPOINT"]) if os.environ.get("MARS_SCREENSHOT_CHECKPOINT") else tiny_bundle
     command = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port),
                "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.headless", "true",
                "--server.fileWatcherType", "none"]
     with open(log, "wb") as sink:
         server = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env=os.environ | {"MARS_CHECKPOINT": str(tiny_bundle), "PYTHONUNBUFFERED": "1"})
+                                  env=os.environ | {"MARS_CHECKPOINT": str(bundle), "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, server, log)
@@ -87,7 +91,7 @@ def test_browser_generates_an_image(app_server, tmp_path):
     url, server_log = app_server
     shots = Path(os.environ.get("MARS_SCREENSHOT_DIR") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
-    screenshot = shots / "app_screenshot.png"
+    screenshot = shots / "app.png"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, timeout=PAGE_S * 1000)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -102,7 +106,10 @@ def test_browser_generates_an_image(app_server, tmp_path):
             image.wait_for(state="visible", timeout=GENERATE_S * 1000)
             page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image.element_handle())
             page.get_by_text("Download PNG").first.wait_for(state="visible")
+            page.mouse.move(0, 0)  # no hover highlight in the picture
             page.screenshot(path=str(screenshot), full_page=True)
+            frame = page.evaluate("(img) => getComputedStyle(img).borderTopWidth", image.element_handle())
+            deploy_buttons = page.get_by_role("button", name="Deploy").count()
             pixels = np.asarray(Image.open(io.BytesIO(image.screenshot())).convert("RGB"))
             natural = page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", image.element_handle())
         except PlaywrightError as error:
@@ -112,5 +119,7 @@ def test_browser_generates_an_image(app_server, tmp_path):
             browser.close()
     print(f"\nscreenshot: {screenshot}")
     assert natural == [256, 256]  # the tiny bundle samples 128 px and super-resolves to 256
+    assert frame == "1px"  # white shapes on a white page need an edge
+    assert deploy_buttons == 0  # a local model has nothing to deploy
     assert pixels.shape[0] >= 128 and pixels.shape[1] >= 128
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1, "the generated image is a single colour"

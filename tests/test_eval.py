@@ -99,3 +99,19 @@ def test_a_listing_line_that_is_not_an_object_is_a_one_line_error(tmp_path, caps
     assert mars_eval.main(["--images", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "captions.jsonl:1" in err and "JSON object" in err and "\n" not in err
+
+
+def test_failure_sheet_tiles_only_the_failed_images_with_their_prompts():
+    prompts = ["a red circle", "两个正方形", "a blue square"]
+    drawn = [render(scene_for_prompt(prompts[0]), 64), Image.new("RGB", (64, 64), "white"),
+             render(scene_for_prompt("a red circle"), 64)]  # the last two fail their prompts
+    pairs = list(zip(prompts, drawn))
+    report = mars_eval.evaluate(pairs, progress=False)
+    sheet = mars_eval.failure_sheet(pairs, report)
+    tile = mars_eval.SHEET_TILE
+    assert sheet.width == mars_eval.SHEET_COLUMNS * tile and sheet.height > tile
+    cells = np.asarray(sheet)[:tile, :3 * tile]
+    assert (cells[2:-2, 2:tile - 2] == 255).all()  # first tile: the blank image that failed
+    assert not (cells[2:-2, tile + 2:2 * tile - 2] == 255).all()  # second: the red circle drawn for a blue square
+    assert (cells[2:-2, 2 * tile + 2:3 * tile - 2] == 255).all()  # no third failure
+    assert mars_eval.failure_sheet(pairs[:1], mars_eval.evaluate(pairs[:1], progress=False)) is None

@@ -311,3 +311,13 @@ def test_reconstruct_cli_and_tokenizer_evaluation(tmp_path, capsys):
     with pytest.raises(SystemExit):
         vq_main(["reconstruct", "--checkpoint", str(tmp_path / "missing"), "--images", str(source), "--out", "x"])
     assert "error:" in capsys.readouterr().err
+
+
+def test_mars_eval_vq_prints_the_tokenizer_figures(tmp_path, capsys):
+    from mars import eval as mars_eval
+
+    tiny().save_pretrained(tmp_path / "tok")
+    assert mars_eval.main(["--vq", str(tmp_path / "tok"), "--n", "6", "--size", "64", "--seed", "3"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["n"] == 6 and figures["size"] == 64 and figures["seed"] == 3
+    assert figures["originals_passed"] == 1.0 and 0 < figures["codebook_usage"] <= 1 and figures["psnr"] > 0

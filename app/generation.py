@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 from einops import rearrange
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
 from mars.errors import first_line
-from mars.images import flatten_on_white
+from mars.images import UnreadableImage, flatten_on_white, load_image
 from vq import tensor_to_images
 
 MAX_PROMPT_CHARS = 300  # shapes-world prompts are under 80; a wall of text is a paste gone wrong
@@ -62,17 +62,12 @@ def unknown_words(pipe, prompt: str) -> list[str]:
 
 
 def read_image(data: bytes, name: str) -> Image.Image:
-    """Uploaded bytes -> an RGB image (transparency on white), or a ValueError naming the file."""
+    """Uploaded bytes -> an RGB image (transparency on white), or a ValueError naming the file: not an image,
+    damaged, or too large (mars.images.load_image)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decode now: a truncated file fails here, not later inside the model
-            return flatten_on_white(image)
-    except UnidentifiedImageError:
-        raise ValueError(f"{name} is not a readable image (not an image format Pillow knows, or damaged): "
-                         "upload a PNG, JPEG or WebP file.") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        reason = first_line(error)
-        raise ValueError(f"{name} is not a readable image ({reason}): upload a PNG, JPEG or WebP file.") from None
+        return flatten_on_white(load_image(io.BytesIO(data), name))
+    except UnreadableImage as error:
+        raise ValueError(f"{name} is not a readable image ({error.reason}): {error.advice}.") from None
 
 
 def to_png(image: Image.Image) -> bytes:

@@ -1,8 +1,15 @@
 """MARS in the browser: type a prompt (English or Chinese), tune the sampler, watch the image form.
 
     streamlit run app/main.py --server.address 127.0.0.1        # the shipped default model
-    MARS_CHECKPOINT=runs/shapes/bundle streamlit run app/main.py
-    MARS_DEVICE=cpu MARS_APP_THREADS=8 streamlit run app/main.py  # device; CPU threads (default: cores - 1)
+    MARS_CHECKPOINT=runs/shapes/bundle streamlit run app/main.py --server.address 127.0.0.1
+    MARS_DEVICE=cpu MARS_APP_THREADS=8 streamlit run app/main.py --server.address 127.0.0.1  # device; CPU threads
+    MARS_APP_NETWORK=1 streamlit run app/main.py --server.address 0.0.0.0  # on a network, on purpose
+
+The page serves the model only on a loopback address (127.0.0.1, ::1, localhost; the repository's
+.streamlit/config.toml sets 127.0.0.1 when streamlit runs from the repository root): with
+server.address unset Streamlit listens on every interface, so anyone who can reach the machine could
+use it. To serve on a network on purpose, set MARS_APP_NETWORK=1 (and put an authenticating proxy in
+front: the app has no logins).
 
 A thin client of MarsPipeline, like sample.py. The model is loaded once per process
 (st.cache_resource, keyed by the checkpoint directory); every browser session keeps its own
@@ -14,6 +21,7 @@ sessions take turns on the shared model. Tests: pytest tests/test_app.py tests/t
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import random
@@ -33,8 +41,10 @@ from app.generation import (MODEL_LOCK, GalleryItem, GenerationJob, GenerationRe
 from mars.cli import DEFAULT_CHECKPOINT as CLI_DEFAULT_CHECKPOINT  # noqa: E402
 from mars.device import resolve_device  # noqa: E402
 from mars.errors import first_line  # noqa: E402
+from mars.images import check_caption_image  # noqa: E402
 
 CHECKPOINT_ENV = "MARS_CHECKPOINT"
+NETWORK_ENV = "MARS_APP_NETWORK"  # "1": serve on a non-loopback server.address on purpose
 DEVICE_ENV = "MARS_DEVICE"  # e.g. cpu, cuda, cuda:1 (default: cuda when available)
 DEFAULT_CHECKPOINT = str(CLI_DEFAULT_CHECKPOINT.relative_to(REPO))  # shown relative in the page
 POLL_SECONDS = 0.3  # how often the progress panel refreshes while a job runs
@@ -68,6 +78,23 @@ def load_pipeline(checkpoint: str):
     if device.type == "cpu":
         torch.set_num_threads(sampling_threads())
     return MarsPipeline.from_pretrained(checkpoint, device=device)
+
+
+def network_refusal() -> str | None:
+    """Why this server must not serve the model (server.address unset, so every interface, or not a
+    loopback address, without MARS_APP_NETWORK=1), or None."""
+    address = (streamlit_config.get_option("server.address") or "").strip()
+    if os.environ.get(NETWORK_ENV, "").strip() == "1" or address == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(address.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # unset, or a host name
+        pass
+    where = f"on {address}" if address else "on every network interface (server.address is not set)"
+    return (f"Not serving the model: this server listens {where}, so anyone who can reach this machine could "
+            "use it. Restart it with `streamlit run app/main.py --server.address 127.0.0.1`, or, to serve it on a "
+            f"network on purpose, set {NETWORK_ENV}=1.")
 
 
 def resolve_checkpoint(text: str) -> str:
@@ -180,7 +207,7 @@ def progress_panel() -> None:
 
 def gallery() -> None:
     items: list[GalleryItem] = st.session_state.gallery
-    st.subheader(f"This session's images ({len(items)})")
+    st.subheader(f"Your images ({len(items)})")
     if not items:
         st.caption("Nothing yet: type a prompt and click Generate.")
         return
@@ -229,6 +256,7 @@ def caption_tab(pipe) -> None:
         return
     try:
         image = read_image(upload.getvalue(), upload.name)
+        check_caption_image(image, upload.name)  # too small or blank: said now, not after a click
     except ValueError as error:
         st.error(str(error))
         return
@@ -249,6 +277,10 @@ def page() -> None:
     init_session()
     st.markdown(IMAGE_CSS, unsafe_allow_html=True)
     st.title("MARS: text to image")
+    refusal = network_refusal()
+    if refusal is not None:
+        st.error(refusal)
+        st.stop()
     with st.sidebar:
         st.header("Model")
         checkpoint = st.text_input("Checkpoint directory", key="checkpoint",

@@ -14,7 +14,10 @@ DIR holds the images and captions.jsonl (`file` or `image`, `caption`) or prompt
 fresh scenes, round-trips them through the tokenizer and reports how often the scorer's verdict
 survives, PSNR and codebook usage.
 Library use: `evaluate([(prompt, pil_image), ...])` -> report dict; `format_table(report)`.
-Tests: `pytest tests/test_eval.py tests/test_sample.py`.
+Bad input ends with a one-line error and exit code 2 (--out and --failures are checked before the
+model loads; --out must be a new or empty folder, or one an earlier run wrote); with --out, Ctrl-C
+ends with exit code 130 and prompts.jsonl naming exactly the images written.
+Tests: `pytest tests/test_eval.py tests/test_sample.py tests/test_bad_input.py`.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from mars.cli import (POSITIVE_INT, OneLineParser, add_sampling_arguments, check_prompts, load_pipeline,
-                      sampling_options, write_image_folder)
-from mars.images import load_image
-from mars.shapes import (CATEGORIES, LANGS, format_prompt, parse_prompt, random_spec, score, summarize,
-                         write_eval_folder)
+from mars.cli import (POSITIVE_INT, OneLineParser, add_sampling_arguments, check_image_folder, check_output_file,
+                      check_prompts, load_pipeline, one_line_errors, sampling_options, write_image_folder)
+from mars.images import load_image, save_image
+from mars.shapes import (CATEGORIES, LANGS, MAX_IMAGE_SIDE, format_prompt, image_side, parse_prompt, random_spec,
+                         score, summarize, write_eval_folder)
 
 LISTINGS = (("captions.jsonl", "caption"), ("prompts.jsonl", "prompt"))
 SHEET_TILE = 128  # px of one image in a --failures sheet
@@ -123,19 +126,24 @@ def category_prompts(n: int, langs: tuple[str, ...], seed: int) -> list[dict]:
     return rows
 
 
-def sample_images(pipe, prompts: list[str], batch_size: int, seed: int, options: dict,
-                  progress: bool = True) -> list[Image.Image]:
-    """Sample one image per prompt, `batch_size` prompts per pipeline call, from one seeded generator."""
+def iter_images(pipe, prompts: list[str], batch_size: int, seed: int, options: dict, bar: tqdm | None = None):
+    """One image per prompt as they come, `batch_size` prompts per pipeline call, from one seeded generator."""
     import torch
 
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
-    images = []
-    with tqdm(total=len(prompts), desc="sampling", unit="img", disable=not progress) as bar:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
-            images += pipe(batch, generator=generator, **options).images
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        images = pipe(batch, generator=generator, **options).images
+        if bar is not None:
             bar.update(len(batch))
-    return images
+        yield from images
+
+
+def sample_images(pipe, prompts: list[str], batch_size: int, seed: int, options: dict,
+                  progress: bool = True) -> list[Image.Image]:
+    """iter_images as a list, with a progress bar."""
+    with tqdm(total=len(prompts), desc="sampling", unit="img", disable=not progress) as bar:
+        return list(iter_images(pipe, prompts, batch_size, seed, options, bar))
 
 
 def failure_sheet(pairs, report: dict) -> Image.Image | None:
@@ -187,9 +195,12 @@ def evaluate_tokenizer(tokenizer, n: int = 200, size: int = 256, seed: int = 123
 
     from vq.reconstruct import codebook_stats, reconstruct_folder
 
+    if size % tokenizer.downsample:  # here, not deep in the round trip, whose message would name a temporary folder
+        raise ValueError(f"image size {size} is not a multiple of the tokenizer's downsampling factor "
+                         f"{tokenizer.downsample}: use a multiple, e.g. 128 or 256")
     with tempfile.TemporaryDirectory() as tmp:
         originals, rebuilt = Path(tmp, "originals"), Path(tmp, "rebuilt")
-        write_eval_folder(originals, n, size, seed)
+        write_eval_folder(originals, n, size, seed, progress=progress)
         result = reconstruct_folder(tokenizer, originals, rebuilt, batch_size)
         agree, strict_agree, passed = [], [], []
         for path, caption in tqdm(read_listing(originals), desc="scoring", unit="img", disable=not progress):
@@ -211,17 +222,28 @@ def generate_report(args: argparse.Namespace) -> dict:
     options = sampling_options(args)
     pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
     check_prompts(pipe, prompts, options["super_resolution"])
-    images = sample_images(pipe, prompts, args.batch_size, args.seed, options, progress=not args.json)
-    if args.out is not None:
-        write_image_folder(args.out, images, rows)
+    with tqdm(total=len(prompts), desc="sampling", unit="img", disable=args.json) as bar:  # closed before any message
+        images = iter_images(pipe, prompts, args.batch_size, args.seed, options, bar)
+        # With --out each image is on disk (and in the listing) as soon as it is sampled.
+        images = write_image_folder(args.out, images, rows) if args.out is not None else list(images)
     report = evaluate(zip(prompts, images), progress=not args.json, total=len(images))
     if args.failures is not None:
         sheet = failure_sheet(zip(prompts, images), report)
         if sheet is None:
             print(f"no image failed: {args.failures} not written", file=sys.stderr)
         else:
-            sheet.save(args.failures)
+            save_image(sheet, args.failures)
     return report
+
+
+def scored_image(path: Path, decode: bool = True) -> Image.Image:
+    """An image of an --images folder, or a one-line error naming it (the scorer reads square images).
+    decode=False checks the header alone."""
+    image = load_image(path, decode=decode)
+    if image.width != image.height:
+        raise ValueError(f"{path} is {image.width} x {image.height} pixels: the scorer reads square images "
+                         "(shapes-world renders); crop or pad it to a square")
+    return image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,26 +259,40 @@ def main(argv: list[str] | None = None) -> int:
     generation.add_argument("--out", type=Path, default=None, help="also save the images and prompts.jsonl here")
     generation.add_argument("--failures", type=Path, default=None, metavar="PNG",
                             help="also write the failed images, tiled with their prompts, to this PNG")
-    generation.add_argument("--size", type=POSITIVE_INT, default=256, help="--vq: image side in px (default 256)")
+    generation.add_argument("--size", type=image_side, default=256,
+                            help=f"--vq: image side in px, 48 to {MAX_IMAGE_SIDE} (default 256)")
     add_sampling_arguments(generation, batch_size=True)
     args = parser.parse_args(argv)
-    try:
-        if args.vq is not None:
-            from vq import VQTokenizer
+    if (args.out or args.failures) and not args.generate:
+        parser.error("--out and --failures go with --generate")
+    try:  # the outputs, before the model loads
+        if args.out is not None:
+            check_image_folder(args.out, "--out")
+        if args.failures is not None:
+            check_output_file(args.failures, "--failures")
+    except ValueError as error:
+        parser.error(str(error))
+    return run(args)
 
-            figures = evaluate_tokenizer(VQTokenizer.from_pretrained(args.vq), args.n, args.size, args.seed,
-                                         args.batch_size, progress=not args.json)
-            print(json.dumps(figures, indent=2))
-            return 0
-        if args.generate:
-            report = generate_report(args)
-        else:
-            entries = read_listing(args.images)
-            images = ((prompt, load_image(path)) for path, prompt in entries)  # lazily: one image in memory
-            report = evaluate(images, progress=not args.json, total=len(entries))
-    except (OSError, ValueError) as error:
-        print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
-        return 2
+
+@one_line_errors
+def run(args: argparse.Namespace) -> int:
+    if args.vq is not None:
+        from vq import VQTokenizer
+
+        figures = evaluate_tokenizer(VQTokenizer.from_pretrained(args.vq), args.n, args.size, args.seed,
+                                     args.batch_size, progress=not args.json)
+        print(json.dumps(figures, indent=2))
+        return 0
+    if args.generate:
+        report = generate_report(args)
+    else:
+        entries = read_listing(args.images)
+        for path, prompt in entries:  # all checked first: a bad image or prompt stops the run before scoring
+            scored_image(path, decode=False)
+            parse_prompt(prompt)
+        images = ((prompt, scored_image(path)) for path, prompt in entries)  # lazily: one image in memory
+        report = evaluate(images, progress=not args.json, total=len(entries))
     if args.json:
         print(json.dumps({k: report[k] for k in ("all", "by_lang")}, ensure_ascii=False, indent=2))
     else:

@@ -1,14 +1,33 @@
 """Image helpers shared by the pipeline, the command lines, the app and training data.
 
-    from mars.images import load_image, flatten_on_white
-    rgb = flatten_on_white(load_image("in.png"))   # any PIL mode -> RGB on white
+    from mars.images import load_image, flatten_on_white, save_image
+    rgb = flatten_on_white(load_image("in.png"))   # any PIL mode -> RGB on white, or a one-line OSError
+    check_caption_image(rgb, "in.png")             # ValueError: too small to caption, or blank
+    save_image(rgb, Path("out.png"))                # written whole or not at all
+
+Tests: `pytest tests/test_bad_input.py tests/test_app.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
 from pathlib import Path
+from typing import IO
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from mars.errors import first_line
+
+# What Pillow raises for a file it cannot decode: OSError (unreadable, truncated), SyntaxError and
+# ValueError (malformed headers), and DecompressionBombError, which is no OSError.
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Captioning resizes every image to the model's base size (128 px for the shipped model); below this
+# side there is too little left to describe, and the model would still name shapes with confidence.
+MIN_CAPTION_SIDE = 16
+# A channel spread this small (of 255) is one colour plus compression noise: a blank image.
+BLANK_SPREAD = 8
 
 
 def flatten_on_white(image: Image.Image) -> Image.Image:
@@ -19,11 +38,64 @@ def flatten_on_white(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: Path) -> Image.Image:
-    """The decoded image at `path`, or a one-line OSError naming it."""
+class UnreadableImage(OSError):
+    """An image file that cannot be used: `name`, what is wrong (`reason`), and what to do (`advice`)."""
+
+    def __init__(self, name: str, reason: str, advice: str):
+        super().__init__(f"cannot read image {name}: {reason}; {advice}")
+        self.name, self.reason, self.advice = name, reason, advice
+
+
+def load_image(source: str | Path | IO[bytes], name: str | None = None, decode: bool = True) -> Image.Image:
+    """The decoded image at `source` (a path, or a binary file object that `name` names), or a one-line
+    OSError (UnreadableImage) naming it: not a file, not an image, truncated, or larger than Pillow's
+    decompression-bomb limit (Image.MAX_IMAGE_PIXELS, about 89 megapixels), which is checked from the
+    header before any pixel is decoded. decode=False reads the header only (size and mode, no pixels):
+    a quick check of many files before the work on them starts."""
+    name = str(source) if name is None else name
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        # Pillow only warns between its limit and twice it, and the warning would print two lines of its
+        # own; as an error it is refused like anything larger.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                if decode:
+                    image.load()
+                return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        limit = Image.MAX_IMAGE_PIXELS / 1e6
+        raise UnreadableImage(name, f"it has more than {limit:.0f} million pixels (Pillow's limit against "
+                                    "decompression bombs)", "downscale it") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage(name, "not an image format Pillow knows, or damaged",
+                              "give a PNG, JPEG or WebP file") from None
+    except UNREADABLE as error:
+        raise UnreadableImage(name, first_line(error), "give a PNG, JPEG or WebP file") from None
+
+
+def check_caption_image(image: Image.Image, name: str = "the image") -> None:
+    """A ValueError unless `image` has something to caption: at least MIN_CAPTION_SIDE px a side and
+    more than one colour. A blank image is refused rather than captioned: the model only ever saw
+    scenes with shapes in them, so it would name shapes that are not there."""
+    width, height = image.size
+    if min(width, height) < MIN_CAPTION_SIDE:
+        raise ValueError(f"{name} is {width} x {height} pixels, too small to caption: give an image at least "
+                         f"{MIN_CAPTION_SIDE} pixels a side")
+    if all(high - low <= BLANK_SPREAD for low, high in flatten_on_white(image).getextrema()):
+        raise ValueError(f"{name} is blank (a single colour): there is nothing to caption; give a picture "
+                         "with shapes in it")
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Write `path` whole or not at all: the image goes to a hidden file beside it, renamed into place, so
+    an interrupted run never leaves a truncated image (or half of one over an older file)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        image.save(partial, format=Image.registered_extensions()[path.suffix.lower()])
+        os.replace(partial, path)
     except OSError as error:
-        raise OSError(f"cannot read image {path}: {error}") from None
+        raise OSError(f"cannot write {path} ({error.strerror or first_line(error)}): choose a folder you can "
+                      "write to") from None
+    finally:
+        with contextlib.suppress(OSError):  # gone after the rename, or never made
+            partial.unlink()

@@ -1,8 +1,8 @@
 """The shapes world: a seeded scene generator, renderer, bilingual captions and the scorer.
 
-Implements ../shared/shapes-world.md (v1): up to four flat-coloured circles, squares and triangles
-on white, six GenEval-style prompt categories in English and Chinese, and a pixel-rule scorer
-that decides whether an image satisfies a prompt (plain and strict).
+The shapes world (v1): up to four flat-coloured circles, squares and triangles on white, six
+GenEval-style prompt categories in English and Chinese (the grammar is _PATTERNS below), and a
+pixel-rule scorer that decides whether an image satisfies a prompt (plain and strict).
 
     from mars.shapes import sample_example, render, score
     ex = sample_example(np.random.default_rng(0), category="position", lang="zh")
@@ -14,9 +14,7 @@ Write a captioned evaluation folder (DIR/000000.png ..., DIR/captions.jsonl):
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from mars.cli import (NON_NEGATIVE_INT, POSITIVE_INT, OneLineParser, check_image_folder, int_range,
+                      one_line_errors, write_image_folder)
 from mars.images import flatten_on_white
 
 SHAPES = ("circle", "square", "triangle")
@@ -381,7 +381,8 @@ def parse_prompt(prompt: str) -> tuple[PromptSpec, str]:
                 break  # "a circle and a circle" is no two_object prompt (s1 != s2)
             return PromptSpec(category, tuple(words)), lang
     raise ValueError(f"cannot parse prompt {prompt!r}: expected one of the six shapes-world categories, "
-                     "e.g. 'a red circle' / '一个红色的圆形' (see shared/shapes-world.md)")
+                     "e.g. 'a red circle', 'two squares', 'a circle above a blue square' / '一个红色的圆形' "
+                     "(the grammar is in mars/shapes.py)")
 
 
 # ----------------------------------------------------------------------------- detection and scoring
@@ -529,31 +530,44 @@ def summarize(verdicts: list[Verdict]) -> dict:
 
 # ----------------------------------------------------------------------------- CLI
 
-def write_eval_folder(out: Path, n: int, size: int, seed: int) -> None:
-    """n images cycling through the six categories, English and Chinese in alternate rounds."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "captions.jsonl", "w", encoding="utf-8") as captions:
-        for i in tqdm(range(n), desc="shapes", unit="img"):
-            category, lang = CATEGORIES[i % len(CATEGORIES)], LANGS[(i // len(CATEGORIES)) % 2]
-            example = sample_example(np.random.default_rng([seed, i]), category, lang)
-            name = f"{i:06d}.png"
-            render(example.scene, size).save(out / name)
-            record = {"file": name, "caption": example.prompt, "category": category, "lang": lang}
-            captions.write(json.dumps(record, ensure_ascii=False) + "\n")
+def write_eval_folder(out: Path, n: int, size: int, seed: int, progress: bool = True) -> None:
+    """n images cycling through the six categories, English and Chinese in alternate rounds: out/000000.png
+    ... and out/captions.jsonl, each line written right after its image (mars.cli.write_image_folder)."""
+    rows = []
+    for i in range(n):
+        category, lang = CATEGORIES[i % len(CATEGORIES)], LANGS[(i // len(CATEGORIES)) % 2]
+        rows.append((sample_example(np.random.default_rng([seed, i]), category, lang), category, lang))
+    records = [{"caption": example.prompt, "category": category, "lang": lang} for example, category, lang in rows]
+    with tqdm(rows, desc="shapes", unit="img", disable=not progress) as bar:  # closed before any message
+        images = (render(example.scene, size) for example, _, _ in bar)
+        write_image_folder(out, images, records, listing="captions.jsonl")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write shapes-world images and captions.jsonl")
-    parser.add_argument("--n", type=int, default=64, help="number of images")
-    parser.add_argument("--size", type=int, default=256, help="image side S in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+# Below 48 px the pixel rules misread some of the smallest shapes (measured: S = 32); above 1024 px an
+# image only costs memory (a side of 10**8 px once asked for petabytes).
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 48, 1024
+
+
+def image_side(text: str) -> int:
+    """The argparse type of an image side in pixels, MIN_IMAGE_SIDE to MAX_IMAGE_SIDE."""
+    return int_range(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE)(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m mars.shapes", description="Write shapes-world images and captions.jsonl")
+    parser.add_argument("--n", type=POSITIVE_INT, default=64, help="number of images")
+    parser.add_argument("--size", type=image_side, default=256,
+                        help=f"image side S in pixels, {MIN_IMAGE_SIDE} to {MAX_IMAGE_SIDE} (default 256)")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="random seed, >= 0 (default 0)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (new, empty, or written by this command)")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.size < 48:
-        # below 48 px the spec's pixel rules misread some of the smallest shapes (measured: S = 32)
-        parser.error("--n must be >= 1 and --size >= 48")
-    write_eval_folder(args.out, args.n, args.size, args.seed)
+    try:
+        check_image_folder(args.out, "--out", listing="captions.jsonl")
+    except ValueError as error:
+        parser.error(str(error))
+    return one_line_errors(write_eval_folder)(args.out, args.n, args.size, args.seed) or 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -17,7 +17,6 @@ Run:  python -m mars.tokenizer --out DIR   # writes tokenizer.json + tokenizer_c
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import hashlib
@@ -35,6 +34,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
+from mars.cli import OneLineParser, check_writable_folder
 from mars.errors import first_line
 
 # Qwen places its specials right after the 151,643 BPE ranks; these ids are fixed by the checkpoints.
@@ -437,12 +437,18 @@ def trim_vocab_rows(weight: torch.Tensor, vocab_map: VocabMap) -> torch.Tensor:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m mars.tokenizer", description="Write the Qwen2 tokenizer files (built offline from qwen.tiktoken) to a folder."
     )
     parser.add_argument("--out", required=True, type=Path, help="folder for tokenizer.json + tokenizer_config.json")
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"build cache (default {default_cache_dir()})")
     args = parser.parse_args(argv)
+    try:
+        for flag, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+            if folder is not None:
+                check_writable_folder(folder, flag)
+    except ValueError as error:
+        parser.error(str(error))
     start = time.perf_counter()
     tokenizer = load_qwen_tokenizer(args.cache_dir)
     written = save_tokenizer(tokenizer, args.out)

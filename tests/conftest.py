@@ -1,6 +1,7 @@
 """Shared pytest fixtures: a tiny but real MARS bundle with random weights, built in a few seconds.
 
     def test_something(tiny_bundle, tiny_pipe): ...   # a bundle directory, and MarsPipeline loaded from it
+    def test_cli(reuse_tiny_pipe): ...  # from_pretrained(tiny_bundle) hands back tiny_pipe: no reload per call
 
 The bundle is what `MarsPipeline.save_pretrained` writes for a trained model, only small and
 untrained: the real Qwen tokenizer with a VocabMap over every shapes-world evaluation prompt
@@ -76,3 +77,19 @@ def tiny_pipe(tiny_bundle):
     from mars.pipeline import MarsPipeline
 
     return MarsPipeline.from_pretrained(tiny_bundle)
+
+
+@pytest.fixture
+def reuse_tiny_pipe(monkeypatch, tiny_bundle, tiny_pipe):
+    """MarsPipeline.from_pretrained(tiny_bundle) returns the session's pipeline (CPU, default dtype)."""
+    from mars.pipeline import MarsPipeline
+
+    load = MarsPipeline.from_pretrained.__func__
+
+    def from_pretrained(cls, directory, device=None, dtype=None):
+        if Path(directory) == tiny_bundle and str(device) == "cpu" and dtype is None:
+            return tiny_pipe
+        return load(cls, directory, device, dtype)
+
+    monkeypatch.setattr(MarsPipeline, "from_pretrained", classmethod(from_pretrained))
+    return tiny_bundle

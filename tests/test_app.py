@@ -29,6 +29,17 @@ PENDING_PIXEL = round((PENDING + 1) * 127.5)
 WIDGET_KINDS = {"super_resolution": "toggle", "seed": "number_input", "top_k": "number_input"}  # others: sliders
 
 
+@pytest.fixture(autouse=True)
+def server_address():
+    """Streamlit's server.address for one test (the page refuses to serve off loopback), restored after.
+    Loopback unless a test says otherwise, wherever pytest runs from (.streamlit/config.toml is only read
+    from the repository root)."""
+    before = streamlit.config.get_option("server.address")
+    streamlit.config.set_option("server.address", "127.0.0.1")
+    yield lambda address: streamlit.config.set_option("server.address", address)
+    streamlit.config.set_option("server.address", before)
+
+
 def open_app(monkeypatch, checkpoint) -> AppTest:
     monkeypatch.setenv("MARS_CHECKPOINT", str(checkpoint))
     monkeypatch.setenv("MARS_DEVICE", "cpu")  # where tiny_pipe runs, so the pixels can be compared
@@ -109,6 +120,27 @@ def test_bad_prompts_are_refused_with_a_message(monkeypatch, tiny_bundle, prompt
     assert at.session_state.job is None and at.session_state.gallery == [] and not at.exception
 
 
+@pytest.mark.parametrize("address", [None, "0.0.0.0", "192.168.1.20", "myhost.example"])
+def test_the_page_refuses_to_serve_the_model_off_loopback(monkeypatch, tiny_bundle, server_address, address):
+    server_address(address)
+    monkeypatch.setenv("MARS_CHECKPOINT", str(tiny_bundle))
+    monkeypatch.delenv("MARS_APP_NETWORK", raising=False)
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    (error,) = at.error
+    assert error.value.startswith("Not serving the model: this server listens ")
+    assert "--server.address 127.0.0.1" in error.value and "MARS_APP_NETWORK=1" in error.value
+    assert len(at.text_area) == 0 and not at.exception  # no prompt box: the model is not offered
+    monkeypatch.setenv("MARS_APP_NETWORK", "1")  # on purpose: served
+    assert len(open_app(monkeypatch, tiny_bundle).text_area) == 1
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_loopback_addresses_serve_the_model(monkeypatch, tiny_bundle, server_address, address):
+    server_address(address)
+    monkeypatch.delenv("MARS_APP_NETWORK", raising=False)
+    assert len(open_app(monkeypatch, tiny_bundle).text_area) == 1
+
+
 def test_a_missing_checkpoint_is_reported_in_the_page(monkeypatch, tmp_path):
     at = open_app(monkeypatch, tmp_path / "no-such-bundle")
     (error,) = at.error
@@ -159,6 +191,18 @@ def test_caption_tab_captions_uploads_and_rejects_unreadable_ones(monkeypatch, t
     at.button(key="caption_button").click().run()
     (success,) = at.success
     assert success.value == (tiny_pipe.caption(image).strip() or "(the model wrote nothing)")
+
+
+@pytest.mark.parametrize("image, message", [
+    (Image.new("RGB", (128, 128), "white"), "blank.png is blank (a single colour): there is nothing to caption"),
+    (Image.new("RGB", (8, 8), "red"), "blank.png is 8 x 8 pixels, too small to caption"),
+])
+def test_caption_tab_refuses_blank_and_tiny_images_before_captioning(monkeypatch, tiny_bundle, image, message):
+    at = open_app(monkeypatch, tiny_bundle)
+    at.file_uploader(key="upload").set_value(("blank.png", to_png(image), "image/png")).run()
+    (error,) = at.error
+    assert error.value.startswith(message) and not at.exception
+    assert "caption_button" not in [button.key for button in at.button]  # nothing to click
 
 
 # --- the engine, directly --------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
     OMP_NUM_THREADS=1 python -m pytest tests/test_sample.py -q
 
-Most tests run `main(argv)` in-process; `reuse_tiny_pipe` hands them the session's loaded
-pipeline instead of reloading the bundle each time (tests marked `real load` do load it).
+Most tests run `main(argv)` in-process; `reuse_tiny_pipe` (tests/conftest.py) hands them the session's
+loaded pipeline instead of reloading the bundle each time (tests marked `real load` do load it).
 """
 
 from __future__ import annotations
@@ -20,25 +20,10 @@ from PIL import Image
 import sample
 from mars import cli as mars_cli
 from mars import eval as mars_eval
-from mars.pipeline import MarsPipeline
 from mars.shapes import CATEGORIES, render, scene_for_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_PROMPT = " and ".join(["a red circle"] * 60)  # 239 tokens; the tiny bundle has room for 191 (446 without SR)
-
-
-@pytest.fixture
-def reuse_tiny_pipe(monkeypatch, tiny_bundle, tiny_pipe):
-    """MarsPipeline.from_pretrained(tiny_bundle) returns the session's pipeline (CPU, default dtype)."""
-    load = MarsPipeline.from_pretrained.__func__
-
-    def from_pretrained(cls, directory, device=None, dtype=None):
-        if Path(directory) == tiny_bundle and str(device) == "cpu" and dtype is None:
-            return tiny_pipe
-        return load(cls, directory, device, dtype)
-
-    monkeypatch.setattr(MarsPipeline, "from_pretrained", classmethod(from_pretrained))
-    return tiny_bundle
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -61,12 +46,13 @@ def only_line(err: str) -> str:
 # --- bad input: exit 2, one line --------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["a circle", "--cfg", "-1"], "argument --cfg: -1 is out of range: use a value >= 0"),
+    (["a circle", "--cfg", "-1"], "argument --cfg: -1 is out of range: use a value >= 1 (1 turns guidance off)"),
+    (["a circle", "--cfg", "0"], "argument --cfg: 0 is out of range: use a value >= 1"),
     (["a circle", "--top-p", "2"], "argument --top-p: 2 is out of range: use a value in (0, 1]"),
     (["a circle", "--top-p", "0"], "argument --top-p: 0 is out of range"),
     (["a circle", "--temperature", "nan"], "argument --temperature: nan is out of range"),
     (["a circle", "--top-k", "-1"], "argument --top-k: -1 is out of range: use an integer >= 1, or 0 for off"),
-    (["a circle", "--sr-cfg", "-2"], "argument --sr-cfg: -2 is out of range: use a value >= 0"),
+    (["a circle", "--sr-cfg", "-2"], "argument --sr-cfg: -2 is out of range: use a value >= 1"),
     (["a circle", "--sr-temperature", "inf"], "argument --sr-temperature: inf is out of range"),
     (["a circle", "--num-images", "two"], "argument --num-images: 'two' is not an integer"),
     (["a circle", "--dtype", "float8"], "argument --dtype: invalid choice"),

@@ -16,7 +16,7 @@ Codes directory format (version 1), written by `extract_codes` / `python -m trai
     DIR/captions.jsonl     N lines, line i describes image i:
                            {"index": i, "category": "position" | ... | "scene" | null,
                             "captions": {"<kind>_<lang>": text or [texts], ...}}
-                           kinds: "prompt" (category prompts of ../shared/shapes-world.md that the
+                           kinds: "prompt" (category prompts of the shapes world, mars/shapes.py, that the
                            image passes strictly), "scene" (a full scene description), "caption"
                            (a real-data caption: caption_en holds the source's `caption` field,
                            whatever its language); langs: "en", "zh"; a list holds equally likely
@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -59,6 +58,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from mars.cli import NON_NEGATIVE_INT, POSITIVE_INT, OneLineParser, one_line_errors
+from mars.device import resolve_device
 from mars.errors import first_line
 from mars.shapes import (CATEGORIES, LANGS, describe_scene, format_prompt, parse_prompt, random_scene, render,
                          sample_example, scene_prompts)
@@ -154,9 +155,9 @@ def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, siz
     if not sizes:
         raise ValueError("sizes is empty: give at least one image size, e.g. --sizes 128 256")
     tokenizer = VQTokenizer.from_pretrained(vq_dir, map_location=device)
-    bad = [s for s in sizes if s % tokenizer.downsample]
+    bad = [s for s in sizes if s <= 0 or s % tokenizer.downsample]
     if bad:
-        raise ValueError(f"sizes {bad} are not multiples of the VQ downsampling factor {tokenizer.downsample}")
+        raise ValueError(f"sizes {bad} are not positive multiples of the VQ downsampling factor {tokenizer.downsample}")
     if source == "shapes":
         if n is None or n < 1:
             raise ValueError(f"n={n}: the shapes source needs a positive number of images")
@@ -485,32 +486,38 @@ def resume_batch(trainer) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.codes", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m train.codes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--vq", help="VQ tokenizer directory (VQTokenizer.save_pretrained)")
     parser.add_argument("--out", required=True, type=Path, help="codes directory to create")
     parser.add_argument("--captions-only", action="store_true",
                         help="rewrite the captions of the shapes-world codes directory --out, codes untouched")
-    parser.add_argument("--n", type=int, default=2048, help="images to encode (all of a folder/shards when 0)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="image sizes to encode")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n", type=NON_NEGATIVE_INT, default=2048,
+                        help="images to encode (all of a folder/shards when 0)")
+    parser.add_argument("--sizes", type=POSITIVE_INT, nargs="+", default=[128, 256], help="image sizes to encode")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     parser.add_argument("--source", choices=("shapes", "folder", "webdataset"), default="shapes")
     parser.add_argument("--path", help="image folder with captions.jsonl, or tar shards (source folder/webdataset)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num-workers", type=int, default=0, help="processes rendering shapes-world batches")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+    parser.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=0,
+                        help="processes rendering shapes-world batches")
     args = parser.parse_args(argv)
     if args.vq is None and not args.captions_only:
         parser.error("--vq is required (the VQ tokenizer directory that encodes the images)")
-    try:
-        if args.captions_only:
-            print(f"rewrote the captions of {rewrite_shapes_captions(args.out)} items in {args.out}")
-            return
-        out = extract_codes(args.vq, args.out, args.n or None, tuple(args.sizes), args.seed, args.batch_size,
-                            args.source, args.path, args.device, args.num_workers)
-    except (ValueError, OSError) as error:
-        print(f"error: {first_line(error)}", file=sys.stderr)
-        raise SystemExit(2) from None
+    status = run(args)
+    if status:  # exit code 2 (bad input) or 130 (Ctrl-C), as SystemExit like the usage errors
+        raise SystemExit(status)
+
+
+@one_line_errors
+def run(args: argparse.Namespace) -> int:
+    if args.captions_only:
+        print(f"rewrote the captions of {rewrite_shapes_captions(args.out)} items in {args.out}")
+        return 0
+    out = extract_codes(args.vq, args.out, args.n or None, tuple(args.sizes), args.seed, args.batch_size,
+                        args.source, args.path, resolve_device(args.device, "--device"), args.num_workers)
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ records it was built from (say a finished run given another --superres).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
@@ -39,8 +38,15 @@ from pathlib import Path
 
 import yaml
 
+from mars.cli import OneLineParser
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUNDLE_PARTS = ("text", "stage2", "vq", "superres")  # the products export_bundle reads
+# The files a directory given in place of a stage must hold: checked before any stage runs, so a typo
+# fails at once instead of after the stages before the one that reads it (minutes to hours).
+GIVEN_FILES = {"--vq": ("config.json", "model.safetensors"),
+               "--text-model": ("config.json", "tokenizer.json"),
+               "--superres": ("superres_config.json", "superres_trainable.safetensors", "mars_config.json")}
 
 
 @dataclass(frozen=True)
@@ -232,7 +238,7 @@ class Runner:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default="shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (tests, CI)")
     parser.add_argument("--out", type=Path, help="run directory (default runs/<preset>[-smoke])")
@@ -242,6 +248,13 @@ def main(argv: list[str] | None = None) -> Path:
                         "trained over the same text model) instead of the superres stage")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / (args.preset + ("-smoke" if args.smoke else ""))
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file: name a run folder (new, or an earlier run to resume)")
+    for flag, given in (("--vq", args.vq), ("--text-model", args.text_model), ("--superres", args.superres)):
+        missing = [name for name in GIVEN_FILES[flag] if given and not (Path(given) / name).is_file()]
+        if missing:
+            parser.error(f"{flag} {given} has no {missing[0]}: give a stage's export folder, which holds "
+                         f"{', '.join(GIVEN_FILES[flag])}")
     runner = Runner(out, args.smoke, args.vq, args.text_model, args.superres)
     start = time.perf_counter()
     stages = []

@@ -43,19 +43,46 @@ def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -
     return tokenizer
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line (no usage dump), exit code 2. mars.cli has the same for the MARS commands;
+    vq imports nothing from mars, so it keeps its own."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return int(text)
+
+
+def check_out_folder(out: Path, images: Path | None = None) -> None:
+    """ValueError unless `out` can be a folder of results: not a file, and not the input folder (whose images
+    a round trip would overwrite with their reconstructions)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: name a folder")
+    if images is not None and out.resolve() == images.resolve():
+        raise ValueError(f"--out {out} is the --images folder: its images would be overwritten; choose another folder")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vq", description="VQ tokenizer tools")
+    parser = OneLineParser(prog="python -m vq", description="VQ tokenizer tools")
     commands = parser.add_subparsers(dest="command", required=True)
     rec = commands.add_parser("reconstruct", help="round-trip a folder of images through the tokenizer")
     rec.add_argument("--checkpoint", type=Path, required=True, help="save_pretrained directory")
     rec.add_argument("--images", type=Path, required=True, help="input folder (captions.jsonl is copied)")
     rec.add_argument("--out", type=Path, required=True, help="output folder")
-    rec.add_argument("--batch-size", type=int, default=16)
+    rec.add_argument("--batch-size", type=positive_int, default=16)
     ex = commands.add_parser("export", help="Lightning checkpoint -> save_pretrained directory")
     ex.add_argument("--ckpt", type=Path, required=True)
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage precision")
     args = parser.parse_args(argv)
+    try:
+        check_out_folder(args.out, args.images if args.command == "reconstruct" else None)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         if args.command == "export":
             tokenizer = export_checkpoint(args.ckpt, args.out, getattr(torch, args.dtype))
@@ -64,9 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = VQTokenizer.from_pretrained(args.checkpoint)
         result = reconstruct_folder(tokenizer, args.images, args.out, args.batch_size)
         print(f"wrote {result['files']} reconstructions to {args.out} (PSNR {result['psnr']:.2f} dB)")
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python -m mars.eval --generate --n 300 --lang both [--checkpoint DIR] [--seed S] [--cfg 3] [--no-sr] [--out DIR]
     python -m mars.eval --generate --n 300 --failures failures.png   # and a contact sheet of the failed images
     python -m mars.eval --vq checkpoints/vq-shapes --n 200 --size 256 --seed 1234   # a VQ tokenizer's round trips
+    python -m mars.eval --images GEN --reference REAL   # any images: FID, KID, concept retrieval (mars.metrics)
 
 DIR holds the images and captions.jsonl (`file` or `image`, `caption`) or prompts.jsonl (`file`,
 `prompt`), e.g. from `python -m mars.shapes --out DIR` (a generator's own images score 1.0).
@@ -253,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--generate", action="store_true", help="sample the category prompts with a MARS bundle")
     source.add_argument("--vq", type=Path, metavar="DIR", help="round-trip fresh scenes through this VQ tokenizer")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    real = parser.add_argument_group("--images of any kind against real images (FID, KID, concept retrieval)")
+    real.add_argument("--reference", type=Path, nargs="+", default=None, metavar="DIR",
+                      help="real images with captions.jsonl: report FID, KID and retrieval instead of the shapes scorer")
+    real.add_argument("--gallery", type=Path, nargs="+", default=None, metavar="DIR",
+                      help="retrieval searches these folders (default: --reference)")
     generation = parser.add_argument_group("--generate and --vq options")
     generation.add_argument("--n", type=POSITIVE_INT, default=300, help="images to sample or render (default 300)")
     generation.add_argument("--lang", choices=(*LANGS, "both"), default="both", help="prompt language (default both)")
@@ -265,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.out or args.failures) and not args.generate:
         parser.error("--out and --failures go with --generate")
+    if (args.reference or args.gallery) and not args.images:
+        parser.error("--reference and --gallery go with --images")
+    if args.gallery and not args.reference:
+        parser.error("--gallery goes with --reference")
     try:  # the outputs, before the model loads
         if args.out is not None:
             check_image_folder(args.out, "--out")
@@ -283,6 +293,13 @@ def run(args: argparse.Namespace) -> int:
         figures = evaluate_tokenizer(VQTokenizer.from_pretrained(args.vq), args.n, args.size, args.seed,
                                      args.batch_size, progress=not args.json)
         print(json.dumps(figures, indent=2))
+        return 0
+    if args.reference is not None:  # a folder of real images: not the shapes world, Inception features
+        from mars.metrics import compare_folders, format_report
+
+        report = compare_folders(args.images, args.reference, args.gallery, batch_size=args.batch_size,
+                                 device=args.device, progress=not args.json)
+        print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_report(report))
         return 0
     if args.generate:
         report = generate_report(args)

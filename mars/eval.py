@@ -35,44 +35,20 @@ from tqdm import tqdm
 
 from mars.cli import (POSITIVE_INT, OneLineParser, add_sampling_arguments, check_image_folder, check_output_file,
                       check_prompts, load_pipeline, one_line_errors, sampling_options, write_image_folder)
-from mars.images import load_image, save_image
+from mars.images import load_image, read_image_listing, save_image
 from mars.shapes import (CATEGORIES, LANGS, MAX_IMAGE_SIDE, format_prompt, image_side, parse_prompt, random_spec,
                          score, summarize, write_eval_folder)
 
-LISTINGS = (("captions.jsonl", "caption"), ("prompts.jsonl", "prompt"))
 SHEET_TILE = 128  # px of one image in a --failures sheet
 SHEET_COLUMNS = 6
 
 
 def read_listing(folder: str | Path) -> list[tuple[Path, str]]:
     """[(image path, prompt)] from folder/captions.jsonl or folder/prompts.jsonl."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    for name, prompt_key in LISTINGS:
-        listing = folder / name
-        if listing.is_file():
-            break
-    else:
-        raise FileNotFoundError(f"{folder} has neither captions.jsonl nor prompts.jsonl; "
-                                "write one JSON object a line with 'file' and 'caption' (or 'prompt')")
-    entries = []
-    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{listing}:{number}: not valid JSON ({error})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{listing}:{number}: each line must be a JSON object with 'file' and {prompt_key!r}")
-        file, prompt = record.get("file", record.get("image")), record.get(prompt_key)
-        if not isinstance(file, str) or not isinstance(prompt, str):
-            raise ValueError(f"{listing}:{number}: needs string fields 'file' and {prompt_key!r}")
-        entries.append((folder / file, prompt))
+    listing, entries = read_image_listing(folder)
     if not entries:
         raise ValueError(f"{listing} lists no images")
-    return entries
+    return [(path, text) for path, text, _ in entries]
 
 
 def evaluate(pairs, progress: bool = True, total: int | None = None) -> dict:

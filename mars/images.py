@@ -11,6 +11,7 @@ Tests: `pytest tests/test_bad_input.py tests/test_app.py`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -99,3 +100,36 @@ def save_image(image: Image.Image, path: Path) -> None:
     finally:
         with contextlib.suppress(OSError):  # gone after the rename, or never made
             partial.unlink()
+
+
+LISTINGS = (("captions.jsonl", "caption"), ("prompts.jsonl", "prompt"))  # (file, its text field), in order
+
+
+def read_image_listing(folder: str | Path) -> tuple[Path, list[tuple[Path, str, dict]]]:
+    """(the listing, [(image path, caption or prompt, the whole record)]) of a folder of images with
+    captions.jsonl or prompts.jsonl (`file` or `image`, and `caption` or `prompt`), one-line errors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    for name, text_key in LISTINGS:
+        listing = folder / name
+        if listing.is_file():
+            break
+    else:
+        raise FileNotFoundError(f"{folder} has neither captions.jsonl nor prompts.jsonl; "
+                                "write one JSON object a line with 'file' and 'caption' (or 'prompt')")
+    entries = []
+    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{listing}:{number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{listing}:{number}: each line must be a JSON object with 'file' and {text_key!r}")
+        file, text = record.get("file", record.get("image")), record.get(text_key)
+        if not isinstance(file, str) or not isinstance(text, str):
+            raise ValueError(f"{listing}:{number}: needs string fields 'file' and {text_key!r}")
+        entries.append((folder / file, text, record))
+    return listing, entries

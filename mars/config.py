@@ -84,6 +84,36 @@ class MarsConfig(JsonConfig):
         return replace(MODEL_PRESETS[name], **overrides)
 
 
+FROZEN_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class MemoryConfig:
+    """Memory levers for training at scale (mars.model.configure_memory). Each leaves the loss and
+    the gradients equal up to rounding; none is saved with the model (they shape how it trains,
+    not what it is). train/plan.py says what each one buys for a given Qwen and GPU.
+
+    Lightning modules take it as `memory` (YAML `model.init_args.memory.activation_checkpointing`,
+    CLI `--model.init_args.memory.activation_checkpointing true`, checkpoint hparams `memory`).
+    """
+
+    # Recompute each SemVIE layer in backward, keeping only its input: activations fall from a few
+    # dozen (B, T, D)-sized tensors a layer to one, for about a third more compute.
+    activation_checkpointing: bool = False
+    # "bfloat16": the frozen Qwen held in bf16 (half its memory), the trainable experts in fp32
+    # master weights, the model computing under bf16 autocast. "float32": everything fp32.
+    frozen_dtype: str = "float32"
+    # Labelled positions per output-head chunk in the loss, logits recomputed in backward, so at most
+    # (loss_chunk, vocabulary) logits exist at once (the text head is 151,936 wide). 0: one chunk.
+    loss_chunk: int = 0
+
+    def __post_init__(self) -> None:
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"frozen_dtype={self.frozen_dtype!r}: choose one of {FROZEN_DTYPES}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk={self.loss_chunk}: give a number of positions, or 0 for no chunking")
+
+
 def _qwen(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, **extra) -> dict:
     return dict(
         model_type=model_type,
@@ -95,8 +125,20 @@ def _qwen(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, 
         vocab_size=vocab,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
-        **extra,
-    )
+    ) | extra
+
+
+def _published(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int = 151936,
+               **extra) -> MarsConfig:
+    """A released Qwen's architecture (its config.json numbers) at MARS's real-data setting: a
+    16,384-code VQ at 16 x 16 codes. Weights come from `MarsModel.from_qwen(local_dir)`; the
+    text_config alone serves meta-device counts, train/plan.py and random full-size checkpoints."""
+    fields = dict(rope_theta=1000000.0, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151643,
+                  max_position_embeddings=32768 if model_type == "qwen2" else 40960) | extra
+    if model_type == "qwen3":
+        fields.setdefault("head_dim", 128)  # Qwen3 fixes it: 16 heads x 128 exceed a 1024 hidden size
+    return MarsConfig(codebook_size=16384, image_grid=(16, 16),
+                      text_config=_qwen(model_type, hidden, layers, heads, kv_heads, ffn, vocab, **fields))
 
 
 MODEL_PRESETS: dict[str, MarsConfig] = {
@@ -111,13 +153,11 @@ MODEL_PRESETS: dict[str, MarsConfig] = {
     "bench-256": MarsConfig(
         codebook_size=1024, image_grid=(16, 16), text_config=_qwen("qwen2", 256, 6, 4, 2, 768, 2048, eos_token_id=1)
     ),
-    # Qwen2.5-0.5B's architecture (weights come from `MarsModel.from_qwen(local_dir)`); the
-    # text_config alone serves meta-device parameter counts.
-    "qwen2.5-0.5b": MarsConfig(
-        codebook_size=16384,
-        image_grid=(16, 16),
-        text_config=_qwen(
-            "qwen2", 896, 24, 14, 2, 4864, 151936, rope_theta=1000000.0, rms_norm_eps=1e-6, eos_token_id=151643
-        ),
-    ),
+    # Released Qwens (Qwen2.5 base models: q/k/v biases; Qwen3: q/k norms, head_dim 128).
+    "qwen2.5-0.5b": _published("qwen2", 896, 24, 14, 2, 4864),
+    "qwen2.5-1.5b": _published("qwen2", 1536, 28, 12, 2, 8960),
+    "qwen2.5-7b": _published("qwen2", 3584, 28, 28, 4, 18944, vocab=152064, tie_word_embeddings=False),
+    "qwen3-0.6b": _published("qwen3", 1024, 28, 16, 8, 3072),
+    "qwen3-1.7b": _published("qwen3", 2048, 28, 16, 8, 6144),
+    "qwen3-8b": _published("qwen3", 4096, 36, 32, 8, 12288, tie_word_embeddings=False),
 }

@@ -14,7 +14,9 @@ Qwen path unchanged. Sequences:
     model.save_pretrained("out/mars")   # experts only; the Qwen is referenced by path or stored
 
 One rule, `is_trainable(name)`, decides what trains, what the optimizer sees and what a
-checkpoint saves. Tests: `pytest tests/test_model.py`.
+checkpoint saves. `configure_memory(model, MemoryConfig(...))` applies the memory levers a large
+Qwen needs (activation checkpointing, a bf16 frozen Qwen beside fp32 experts, a chunked loss).
+Tests: `pytest tests/test_model.py tests/test_scale.py`.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from mars.config import MarsConfig
+from mars.config import MarsConfig, MemoryConfig
 from mars.semvie import KVCache, ModalityRouter, SemVIEModel
 
 CONFIG_NAME = "mars_config.json"
@@ -59,6 +62,61 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """What a MARS checkpoint saves: experts, image embeddings and head, nothing of the Qwen."""
     return {name: tensor for name, tensor in model.state_dict().items() if is_trainable(name)}
+
+
+def full_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Whole tensors from a state dict whose entries may be FSDP2 shards (DTensors). Gathering is a
+    collective: under FSDP every rank calls this, in the same order, before one of them writes."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in state.items()}
+
+
+# --- memory levers ---------------------------------------------------------------------------
+
+def set_dtypes(model: nn.Module, frozen: torch.dtype, trainable: torch.dtype = torch.float32) -> None:
+    """Frozen weights in `frozen`, trainable ones in `trainable` (buffers such as RoPE's stay as they are).
+
+    frozen bf16 + trainable fp32 is mixed precision with fp32 master weights: every SemVIE stack
+    inside then computes under bf16 autocast with an fp32 residual stream (SemVIEModel.autocast).
+    """
+    if frozen != trainable and trainable != torch.float32:
+        raise ValueError(f"frozen {frozen} beside trainable {trainable}: mixed precision keeps fp32 masters")
+    for name, param in model.named_parameters():  # a tied embedding/head is one parameter, visited once
+        param.data = param.data.to(trainable if is_trainable(name) else frozen)
+    for module in model.modules():
+        if isinstance(module, SemVIEModel):
+            module.autocast_dtype = frozen if frozen != trainable else None
+
+
+def configure_memory(model: nn.Module, memory: MemoryConfig) -> nn.Module:
+    """Apply MemoryConfig to a MarsModel or any module holding one (a SuperResModel); returns it."""
+    for module in model.modules():
+        if isinstance(module, SemVIEModel):
+            module.activation_checkpointing = memory.activation_checkpointing
+        if isinstance(module, MarsModel):
+            module.loss_chunk = memory.loss_chunk
+    set_dtypes(model, getattr(torch, memory.frozen_dtype))
+    return model
+
+
+def _chunk_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(head(hidden), targets, reduction="sum")
+
+
+def head_nll(head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int = 0) -> Tensor:
+    """Summed cross-entropy of head(hidden) (N, D) against targets (N,).
+
+    chunk > 0: `chunk` rows at a time, each chunk's logits recomputed in backward (checkpoint), so
+    at most (chunk, V) logits and their gradient exist at once instead of (N, V); 0: one piece.
+    """
+    if chunk <= 0 or len(hidden) <= chunk:
+        return _chunk_nll(head, hidden, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(hidden), chunk):
+        piece = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_nll, head, hidden[piece], targets[piece], use_reentrant=False)
+    return total
 
 
 def read_safetensors(path: Path, device: torch.device | str, saver: str) -> dict[str, Tensor]:
@@ -120,6 +178,7 @@ class MarsModel(nn.Module):
         if config.image_pos_2d:
             self.image_row_embed = nn.Embedding(config.image_grid[0], width, **factory)
             self.image_col_embed = nn.Embedding(config.image_grid[1], width, **factory)
+        self.loss_chunk = 0  # labelled positions per head chunk in the loss (configure_memory); 0: all at once
         with torch.no_grad():
             # The paper starts every image token at the mean text embedding: in-distribution for
             # the frozen layers; the row/column embeddings tell codes apart from the first step.
@@ -158,12 +217,14 @@ class MarsModel(nn.Module):
         return cls(config, build_qwen(config.text_config))
 
     def save_pretrained(self, directory: str | Path, store_text_model: bool | None = None,
-                        dtype: torch.dtype | None = None) -> None:
+                        dtype: torch.dtype | None = None, state: dict[str, Tensor] | None = None) -> None:
         """Write mars_config.json + mars_trainable.safetensors (experts only), in `dtype` if given
         (e.g. float16 to ship: loading casts back to the model's dtype).
 
         The frozen Qwen is referenced by its path, or stored in `text_model/` (HF format) when
         `store_text_model` is True or the model has no path (built from a config or an object).
+        `state`: the trainable tensors to write instead of this model's own (FSDP: the gathered
+        whole tensors, see full_tensors).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -173,7 +234,8 @@ class MarsModel(nn.Module):
             config = dataclasses.replace(config, text_model=TEXT_MODEL_DIR)
         elif config.text_model is None:
             raise ValueError("store_text_model=False but this model has no Qwen path to reference: store it")
-        save_file(cast_floats(trainable_state_dict(self), dtype), directory / WEIGHTS_NAME)
+        state = trainable_state_dict(self) if state is None else state
+        save_file(cast_floats(state, dtype), directory / WEIGHTS_NAME)
         config.save(directory / CONFIG_NAME)
 
     def _save_text_model(self, directory: Path, dtype: torch.dtype | None = None) -> None:
@@ -205,6 +267,15 @@ class MarsModel(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{path} does not match this MarsConfig (missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]}): load it with the mars_config.json saved beside it")
+        own = self.state_dict()
+        # Same names, other shapes: a config edited or swapped (say another codebook_size) beside the weights.
+        wrong = [name for name in sorted(expected) if state[name].shape != own[name].shape]
+        if wrong:
+            name = wrong[0]
+            raise ValueError(f"{path} does not match its MarsConfig ({name} is {tuple(state[name].shape)} in the "
+                             f"file, {tuple(own[name].shape)} for codebook_size={self.config.codebook_size}, "
+                             f"image_grid={tuple(self.config.image_grid)}): load it with the mars_config.json "
+                             "saved beside it")
         self.load_state_dict(state, strict=False)
 
     # --- token ids ------------------------------------------------------------------------------
@@ -268,16 +339,19 @@ class MarsModel(nn.Module):
         """Without labels: text and image logits at every position. With labels (B, T), HF-style
         unshifted token ids with -100 for no loss: the loss only (heads run on labelled rows)."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, codes_before)
-        if labels is None:
-            return MarsOutput(logits=self.lm_head(hidden), image_logits=self.image_head(hidden))
-        return self.loss(hidden, labels)
+        with self.model.autocast():  # the frozen lm_head may be bf16 beside an fp32 hidden state
+            if labels is None:
+                return MarsOutput(logits=self.lm_head(hidden), image_logits=self.image_head(hidden))
+            return self.loss(hidden, labels)
 
     def loss(self, hidden: Tensor, labels: Tensor) -> MarsOutput:
+        """Heads on labelled positions only: a (B, T, 151936) text-logit tensor never exists, only
+        (caption positions, V), or (loss_chunk, V) at a time with `loss_chunk`."""
         hidden, targets = hidden[:, :-1], labels[:, 1:]  # position t predicts token t + 1
         code_rows, text_rows = self.is_code(targets), (targets >= 0) & (targets < self.image_token_offset)
-        image_nll = F.cross_entropy(self.image_head(hidden[code_rows]), targets[code_rows] - self.image_token_offset,
-                                    reduction="sum")
-        text_nll = F.cross_entropy(self.lm_head(hidden[text_rows]), targets[text_rows], reduction="sum")
+        image_nll = head_nll(self.image_head, hidden[code_rows], targets[code_rows] - self.image_token_offset,
+                             self.loss_chunk)
+        text_nll = head_nll(self.lm_head, hidden[text_rows], targets[text_rows], self.loss_chunk)
         num_codes, num_text = code_rows.sum(), text_rows.sum()
         return MarsOutput(loss=(image_nll + text_nll) / (num_codes + num_text).clamp(min=1),
                           image_loss=image_nll / num_codes.clamp(min=1), text_loss=text_nll / num_text.clamp(min=1))
@@ -310,6 +384,15 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "
         ids[row, span] = torch.tensor(seq, dtype=torch.long)
         mask[row, span] = True
     return ids, mask
+
+
+def concat_batches(parts: Sequence[dict[str, Tensor]], pad_id: int = 0) -> dict[str, Tensor]:
+    """Stack build_batch outputs of different lengths (say t2i rows and i2t rows) into one batch,
+    right-padding each to the longest: pad_id, attention 0, labels -100."""
+    length = max(part["input_ids"].shape[1] for part in parts)
+    fill = {"input_ids": pad_id, "attention_mask": False, "labels": IGNORE_INDEX}
+    return {key: torch.cat([F.pad(part[key], (0, length - part[key].shape[1]), value=value) for part in parts])
+            for key, value in fill.items()}
 
 
 def build_batch(model: MarsModel, texts: Sequence[str] | Sequence[Sequence[int]], codes: Tensor, *,

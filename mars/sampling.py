@@ -60,7 +60,8 @@ def prefill(model: MarsModel, input_ids: Tensor, attention_mask: Tensor | None, 
             head: nn.Module) -> Tensor:
     """Run the (left-padded) prefixes through the model into `cache`; -> last-position logits (B, V)."""
     hidden = model.hidden_states(input_ids, attention_mask=attention_mask, cache=cache)
-    return head(hidden[:, -1])
+    with model.model.autocast():  # a bf16 frozen lm_head beside the fp32 hidden state (MemoryConfig)
+        return head(hidden[:, -1])
 
 
 def decode_one_token(model: MarsModel, tokens: Tensor, rope: tuple[Tensor, Tensor], attention_mask: Tensor | None,
@@ -76,7 +77,8 @@ def decode_one_token(model: MarsModel, tokens: Tensor, rope: tuple[Tensor, Tenso
     else:
         x, router = model.embed_codes(tokens, cell), ModalityRouter.uniform(tokens.shape, image=True)
     hidden = model.model(x, router, attention_mask=attention_mask, cache=cache, rope=rope)
-    return head(hidden[:, -1])
+    with model.model.autocast():
+        return head(hidden[:, -1])
 
 
 class DecodePlan:

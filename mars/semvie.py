@@ -12,13 +12,16 @@ the prompt and later text reads the image.
     KVCache          preallocated keys/values; writes of any number of tokens per step
     rope_tables      Qwen's RoPE cos/sin in the form every layer applies, made once per forward
     SemVIELayer      shared norms -> routed q/k/v -> one attention -> routed o_proj and FFN
-    SemVIEModel      the stack: rotary, default causal+padding mask or an explicit one, layers
+    SemVIEModel      the stack: rotary, default causal+padding mask or an explicit one, layers;
+                     two memory levers (mars.model.configure_memory sets them): activation
+                     checkpointing per layer, and bf16 autocast when the frozen weights are bf16
 
 Used by mars/model.py; tests: `pytest tests/test_semvie.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from functools import partial
 from typing import Callable
@@ -26,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 def mirror(module: nn.Module) -> nn.Module:
@@ -71,9 +75,15 @@ class ModalityRouter:
         return self._scatter(from_text, from_image)
 
     def _scatter(self, from_text: Tensor, from_image: Tensor) -> Tensor:
-        out = from_text.new_empty(self.shape.numel(), *from_text.shape[1:])  # every row is written below
-        out.index_copy_(0, self.text_index, from_text)
-        out.index_copy_(0, self.image_index, from_image)
+        # The two paths may differ in dtype (a bf16 text embedding beside fp32 image embeddings when
+        # the frozen Qwen is held in bf16): the result takes the wider one, as `a + b` would.
+        dtype = torch.promote_types(from_text.dtype, from_image.dtype)
+        out = from_text.new_empty(self.shape.numel(), *from_text.shape[1:], dtype=dtype)  # every row is written below
+        # index_put_, not index_copy_: autograd keeps only the indices, where index_copy_ keeps both
+        # sources, i.e. every q, k, v, attention and MLP output of every layer (about 10 % of the
+        # activations); it is also faster on the CPU.
+        out.index_put_((self.text_index,), from_text.to(dtype))
+        out.index_put_((self.image_index,), from_image.to(dtype))
         return out.view(*self.shape, *from_text.shape[1:])
 
 
@@ -239,6 +249,19 @@ class SemVIEModel(nn.Module):
         self.norm = qwen_model.norm
         self.visual_norm = mirror(qwen_model.norm) if visual_norms else None
         self.rotary_emb = qwen_model.rotary_emb
+        # Memory levers, set by mars.model.configure_memory; neither changes the result beyond rounding.
+        # Recompute each layer in backward, keeping only its input: activations shrink from a few
+        # dozen (B, T, D)-sized tensors per layer to one.
+        self.activation_checkpointing = False
+        # The dtype of frozen weights held below the experts' fp32 (bf16): the stack then runs under
+        # autocast to it, with an fp32 residual stream. None: one dtype throughout, no autocast.
+        self.autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to `autocast_dtype` (frozen bf16 weights beside fp32 experts), else nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.norm.weight.device.type, dtype=self.autocast_dtype)
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         attn = self.layers[0].self_attn
@@ -255,7 +278,14 @@ class SemVIEModel(nn.Module):
                 attention_mask: Tensor | None = None, cache: KVCache | None = None,
                 rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """`rope`: precomputed cos, sin (B, T, hd) for these positions; position_ids are then unused."""
+        with self.autocast():
+            return self._forward(inputs_embeds, router, position_ids, attention_mask, cache, rope)
+
+    def _forward(self, inputs_embeds: Tensor, router: ModalityRouter, position_ids: Tensor | None,
+                 attention_mask: Tensor | None, cache: KVCache | None, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         x = inputs_embeds  # (B, T, D)
+        if self.autocast_dtype is not None:
+            x = x.float()  # mixed precision: the residual stream stays fp32, matmuls run in bf16
         num_new = x.shape[1]
         past = cache.length if cache is not None else 0
         if rope is None:
@@ -265,8 +295,12 @@ class SemVIEModel(nn.Module):
             rope = self.rotary(position_ids)  # cos, sin (B, T, hd)
         rope = rope_tables(*rope)  # (B, 1, T, hd) twice, shared by every layer
         mask, is_causal = resolve_attention_mask(attention_mask, num_new, past, x.device)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, router, rope, mask, is_causal, cache)
+            if recompute:  # non-reentrant: takes the router and the mask as they are, keeps autocast and RNG
+                x = checkpoint(layer, x, router, rope, mask, is_causal, cache, use_reentrant=False)
+            else:
+                x = layer(x, router, rope, mask, is_causal, cache)
         if cache is not None:
             cache.advance(num_new)
         return routed_norm(x, router, self.norm, self.visual_norm)

@@ -27,6 +27,8 @@ with torchrun or SLURM's srun (Lightning reads their environment):
 
 from __future__ import annotations
 
+import argparse
+import sys
 import warnings
 from pathlib import Path
 
@@ -37,6 +39,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 def readable_checkpoint(path: Path) -> bool:
+    if path.is_dir():  # a sharded checkpoint (train.modules.MarsFSDPStrategy): meta.pt holds the step
+        path = path / "meta.pt"
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # torn zip, truncated pickle, empty file: all mean "not this one"
@@ -115,9 +119,23 @@ class MarsCLI(LightningCLI):
             config["ckpt_path"] = str(found)
 
 
+def bad_input_line(error: BaseException) -> str:
+    """One line for a bad config or bad data: jsonargparse wraps the error a class's __init__ (or a data
+    module's setup) raised in its own multi-line report, so the innermost cause says what is wrong."""
+    while error.__cause__ is not None and not isinstance(error, argparse.ArgumentError):
+        error = error.__cause__
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return MarsCLI(subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
-                   save_config_kwargs={"overwrite": True})
+    """The training CLI; bad input (a config key, a missing model, a corrupt codes folder) ends in one line
+    "error: ..." and exit code 2 instead of a usage dump or a traceback."""
+    try:
+        return MarsCLI(subclass_mode_model=True, subclass_mode_data=True, args=args, run=run,
+                       save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    except (argparse.ArgumentError, OSError, ValueError) as error:
+        print(f"error: {bad_input_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ Only `mars.model.is_trainable` parameters reach the optimizer and the checkpoint
 MarsLitModule: the frozen Qwen is referenced by `text_model`, never copied. Both modules use
 AdamW with linear warm-up and cosine decay, stepped every optimizer step.
 
+At scale, MarsLitModule takes `memory` (mars.config.MemoryConfig: activation checkpointing, a bf16
+frozen Qwen, a chunked loss) and shards with FSDP2 under `MarsFSDPStrategy` (Lightning's
+ModelParallelStrategy, data parallel only, `fully_shard` per SemVIE layer in configure_model),
+whose sharded checkpoints also hold the trainable tensors only. `python -m train.plan` says
+whether a Qwen fits your GPUs and how long a step takes.
+
     python -m train fit --config train/configs/shapes_stage1.yaml
 """
 
@@ -19,13 +25,19 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
-from mars.model import IGNORE_INDEX, MarsModel, build_batch, build_qwen, pad_sequences, trainable_state_dict
+from mars.config import MemoryConfig
+from mars.model import (IGNORE_INDEX, MarsModel, build_batch, build_qwen, concat_batches, configure_memory,
+                        full_tensors, is_trainable, pad_sequences, trainable_state_dict)
+from mars.semvie import SemVIEModel
 from mars.tokenizer import PromptTokenizer
 
 
@@ -57,6 +69,73 @@ def configure_adamw(module: L.LightningModule, named: list[tuple[str, nn.Paramet
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, optim.warmup_steps, total, optim.min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def shard_layers(module: nn.Module, layers: nn.ModuleList, mesh) -> None:
+    """FSDP2: one unit per SemVIE layer (its frozen Qwen weights and its experts together: a layer's
+    all-gather brings both), then the root (embeddings, heads, final norm). Each rank keeps 1/N of
+    every tensor; frozen bf16 and trainable fp32 tensors may share a unit (only trainable ones
+    need one dtype). Idempotent: Lightning may call configure_model more than once.
+
+    With a bf16 frozen Qwen (MemoryConfig.frozen_dtype) the units gather in bf16 and reduce
+    gradients in fp32 (MixedPrecisionPolicy): the fp32 expert masters stay sharded, and no bf16
+    copy of them outlives its layer (plain autocast would keep one per layer until backward). The
+    residual stream stays fp32 (cast_forward_inputs=False).
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(module, FSDPModule):
+        return
+    compute = next((m.autocast_dtype for m in module.modules() if isinstance(m, SemVIEModel)), None)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if compute is not None else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+
+
+class MarsFSDPStrategy(ModelParallelStrategy):
+    """FSDP2 for MARS: Lightning's ModelParallelStrategy as pure data parallelism (every process one
+    shard; tensor parallelism is not used), which runs on GPUs and, over gloo, on CPUs.
+
+    Its sharded checkpoints (a directory per checkpoint, one file per rank plus meta.pt) hold the
+    trainable tensors and their optimizer state only, like every MARS checkpoint: the frozen Qwen
+    comes back from `text_model`. Lightning's own loader expects every tensor of the model in the
+    checkpoint; this one loads the trainable ones.
+
+        trainer: {devices: 8, strategy: {class_path: train.modules.MarsFSDPStrategy}}
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 timeout: timedelta | None = default_pg_timeout):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+
+    def setup_environment(self) -> None:
+        # One shard group over every process of every node (the parent's "auto" is one per node).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        from lightning.fabric.strategies.fsdp import _METADATA_FILENAME, _is_sharded_checkpoint
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only)
+        model_state = {k: v for k, v in get_model_state_dict(self.model).items() if is_trainable(k)}
+        state = {"state_dict": model_state}
+        load(state, checkpoint_id=path)  # fills the local shards in place
+        self.model.load_state_dict(state["state_dict"], strict=False)
+        for index, optimizer in enumerate(self.optimizers):
+            optimizer_state = {f"optimizer_{index}": get_optimizer_state_dict(self.model, optimizer)}
+            load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[f"optimizer_{index}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
@@ -148,24 +227,31 @@ class MarsLitModule(L.LightningModule):
     text_model: local Qwen directory (HF format); tokenizer: directory with tokenizer.json
     (+ vocab_map.json), default text_model. init_from: the previous stage's export directory
     (mars_config.json beside mars_trainable.safetensors) or a Lightning checkpoint of this module.
+    memory: the memory levers (mars.config.MemoryConfig); the trainable weights are fp32 whatever
+    the Qwen directory's dtype (a downloaded Qwen is bf16), the frozen ones `memory.frozen_dtype`.
     """
 
     def __init__(self, text_model: str, tokenizer: str | None = None, codebook_size: int = 1024,
                  image_grid: tuple[int, int] = (8, 8), visual_norms: bool = False, image_pos_2d: bool = True,
                  init_from: str | None = None, i2t_ratio: float = 0.0, caption_dropout: float = 0.0,
-                 optim: OptimConfig | None = None, export_dir: str | None = None):
+                 optim: OptimConfig | None = None, memory: MemoryConfig | None = None, export_dir: str | None = None):
         super().__init__()
         if not 0.0 <= i2t_ratio <= 1.0 or not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"i2t_ratio={i2t_ratio} must lie in [0, 1] and caption_dropout={caption_dropout} "
                              "in [0, 1)")
         self.optim = optim or OptimConfig()
+        self.memory = memory or MemoryConfig()
         self.save_hyperparameters({
             "text_model": text_model, "tokenizer": tokenizer, "codebook_size": codebook_size,
             "image_grid": list(image_grid), "visual_norms": visual_norms, "image_pos_2d": image_pos_2d,
             "init_from": init_from, "i2t_ratio": i2t_ratio, "caption_dropout": caption_dropout,
-            "optim": asdict(self.optim), "export_dir": export_dir})
+            "optim": asdict(self.optim), "memory": asdict(self.memory), "export_dir": export_dir})
+        # Loaded straight in the frozen dtype (bf16: a downloaded Qwen is never widened to fp32 whole);
+        # configure_memory then makes the experts fp32 master weights whatever the directory's dtype.
         self.model = MarsModel.from_qwen(text_model, codebook_size=codebook_size, image_grid=tuple(image_grid),
-                                         visual_norms=visual_norms, image_pos_2d=image_pos_2d)
+                                         visual_norms=visual_norms, image_pos_2d=image_pos_2d,
+                                         dtype=getattr(torch, self.memory.frozen_dtype))
+        configure_memory(self.model, self.memory)
         self.model.train()  # from_pretrained leaves the Qwen in eval mode; the experts are its copies
         self.prompt_tokenizer = PromptTokenizer.from_pretrained(tokenizer or text_model)
         # Checkpoints hold the trainable tensors only; the frozen Qwen comes from text_model.
@@ -196,7 +282,9 @@ class MarsLitModule(L.LightningModule):
                                     if k.startswith("model.") and k.removeprefix("model.") in self._trainable_names}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = {k.removeprefix("model.") for k in checkpoint.get("state_dict", {})}
+        if "state_dict" not in checkpoint:  # a sharded checkpoint: MarsFSDPStrategy loaded the tensors
+            return
+        saved = {k.removeprefix("model.") for k in checkpoint["state_dict"]}
         missing = sorted(self._trainable_names - saved)
         if missing:
             raise ValueError(f"checkpoint lacks trainable weights {missing[:3]}: it belongs to another config")
@@ -208,6 +296,12 @@ class MarsLitModule(L.LightningModule):
     def configure_optimizers(self):
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return configure_adamw(self, named, self.optim)
+
+    def configure_model(self) -> None:
+        if self.device_mesh is not None:  # MarsFSDPStrategy (ModelParallelStrategy): shard with FSDP2
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError("MARS shards with FSDP only: set tensor_parallel_size=1 (MarsFSDPStrategy does)")
+            shard_layers(self.model, self.model.model.layers, self.device_mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -240,11 +334,8 @@ class MarsLitModule(L.LightningModule):
                 ids = [self.prompt_tokenizer.encode(captions[i]) for i in rows]
                 parts.append(build_batch(self.model, ids, codes[rows].cpu(), task=task, caption_dropout=caption_dropout,
                                          generator=generator, pad_id=self.prompt_tokenizer.pad_id))
-        length = max(p["input_ids"].shape[1] for p in parts)
-        fill = {"input_ids": self.prompt_tokenizer.pad_id, "attention_mask": False, "labels": IGNORE_INDEX}
-        merged = {key: torch.cat([nn.functional.pad(p[key], (0, length - p[key].shape[1]), value=fill[key])
-                                  for p in parts]).to(self.device) for key in fill}
-        return merged, sum(is_i2t) / len(is_i2t)
+        merged = concat_batches(parts, self.prompt_tokenizer.pad_id)
+        return {key: value.to(self.device) for key, value in merged.items()}, sum(is_i2t) / len(is_i2t)
 
     def shared_step(self, batch: dict, i2t_ratio: float, caption_dropout: float) -> dict[str, Tensor]:
         tensors, i2t_share = self.sequences(batch, i2t_ratio, caption_dropout)
@@ -277,10 +368,13 @@ class MarsLitModule(L.LightningModule):
     # --- export -------------------------------------------------------------------------------
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
+        if not self.hparams.export_dir:
+            return
+        state = full_tensors(trainable_state_dict(self.model))  # FSDP: every rank gathers, rank 0 writes
+        if self.trainer.is_global_zero:
             directory = Path(self.hparams.export_dir)
             staging = directory.with_name(directory.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
-            self.model.save_pretrained(staging, store_text_model=False)  # experts only; Qwen by path
+            self.model.save_pretrained(staging, store_text_model=False, state=state)  # experts only; Qwen by path
             _replace_dir(staging, directory)
             print(f"MARS weights saved to {directory}")

@@ -26,8 +26,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from mars.config import MarsConfig
-from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel, is_trainable
+from mars.config import MarsConfig, MemoryConfig
+from mars.model import CONFIG_NAME, WEIGHTS_NAME, MarsModel, configure_memory, is_trainable
 from mars.tokenizer import PromptTokenizer
 from mars.superres import SUPERRES_CONFIG_NAME, SUPERRES_WEIGHTS_NAME, SuperResConfig, SuperResModel, \
     build_superres_batch, to_group_order
@@ -77,8 +77,10 @@ class SuperResCodesDataModule(CodesDataModule):
 
 
 def build_model(text_model: str, init_from: str | None, group_size: int, low_grid: tuple[int, int],
-                codebook_size: int) -> SuperResModel:
-    """The starting SuperResModel over the frozen Qwen in `text_model` (see the module docstring)."""
+                codebook_size: int, memory: MemoryConfig | None = None) -> SuperResModel:
+    """The starting SuperResModel over the frozen Qwen in `text_model` (see the module docstring),
+    memory levers applied before any weights load (fp32 experts whatever the Qwen's dtype)."""
+    memory = memory or MemoryConfig()
     config = SuperResConfig(low_grid=tuple(low_grid), group_size=group_size)
     source = Path(init_from) if init_from else None
     if source is not None and source.is_dir() and (source / CONFIG_NAME).is_file():
@@ -88,7 +90,8 @@ def build_model(text_model: str, init_from: str | None, group_size: int, low_gri
                              f"the config asks for {codebook_size} on {config.low_grid}: make them agree")
     else:
         base = MarsConfig(codebook_size=codebook_size, image_grid=config.low_grid)
-    model = SuperResModel(config, MarsModel.from_qwen(text_model, base))
+    mars = MarsModel.from_qwen(text_model, base, dtype=getattr(torch, memory.frozen_dtype))
+    model = configure_memory(SuperResModel(config, mars), memory)
     if source is None:
         return model
     if source.is_dir() and (source / CONFIG_NAME).is_file():
@@ -118,18 +121,20 @@ class SuperResLitModule(L.LightningModule):
     def __init__(self, text_model: str, tokenizer: str | None = None, init_from: str | None = None,
                  group_size: int = 4, low_grid: tuple[int, int] = (8, 8), codebook_size: int = 1024,
                  caption_dropout: float = 0.1, low_code_noise: float = 0.05, history_noise: float = 0.0,
-                 optim: OptimConfig | None = None, export_dir: str | None = None):
+                 optim: OptimConfig | None = None, memory: MemoryConfig | None = None,
+                 export_dir: str | None = None):
         super().__init__()
         rates = {"caption_dropout": caption_dropout, "low_code_noise": low_code_noise, "history_noise": history_noise}
         if not all(0.0 <= rate < 1.0 for rate in rates.values()):
             raise ValueError(f"{', '.join(f'{k}={v}' for k, v in rates.items())} must each lie in [0, 1)")
         self.optim = optim or OptimConfig()
+        self.memory = memory or MemoryConfig()
         self.save_hyperparameters({
             "text_model": text_model, "tokenizer": tokenizer, "init_from": init_from, "group_size": group_size,
             "low_grid": list(low_grid), "codebook_size": codebook_size, "caption_dropout": caption_dropout,
             "low_code_noise": low_code_noise, "history_noise": history_noise, "optim": asdict(self.optim),
-            "export_dir": export_dir})
-        self.model = build_model(text_model, init_from, group_size, tuple(low_grid), codebook_size)
+            "memory": asdict(self.memory), "export_dir": export_dir})
+        self.model = build_model(text_model, init_from, group_size, tuple(low_grid), codebook_size, self.memory)
         self.prompt_tokenizer = PromptTokenizer.from_pretrained(tokenizer or text_model)
         self.strict_loading = False  # checkpoints hold the trainable weights only (on_save_checkpoint)
 

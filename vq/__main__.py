@@ -45,7 +45,7 @@ def export_checkpoint(ckpt: Path, out: Path, dtype: torch.dtype | None = None) -
 
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line (no usage dump), exit code 2. mars.cli has the same for the MARS commands;
-    vq imports nothing from mars, so it keeps its own."""
+    the vq package stands alone, below mars, so it keeps its own."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -30,6 +30,7 @@ import torch
 from benchmarks.scale import (CODEBOOK, adamw, caption_ids, current_rss, peak_rss, qwen_directory, release_memory,
                               reset_peak_rss, stage1_batch, tight_heap, to_device, train_step)
 from mars.config import MemoryConfig
+from mars.device import resolve_device
 from mars.model import MarsModel, configure_memory, trainable_parameters
 from mars.sampling import generate_images
 from train.plan import CARDS, GIB, Plan, RunSpec, architecture
@@ -193,7 +194,7 @@ def _config(directory: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--tiny", action="store_true", help="one decoder layer, 4x4 codes, batch 2: a CPU rehearsal")
     parser.add_argument("--qwen", default="qwen2.5-0.5b")
     parser.add_argument("--card", choices=sorted(CARDS), default=None, help="default: recognised from the GPU")
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.grid, args.steps, args.warmup = 2, 4, 1, 1
-    device = torch.device(args.device)
+    device = resolve_device(args.device, "--device")
     card = args.card or detect_card(device)
     if device.type == "cpu":
         tight_heap()  # resident memory tracks the live tensors (benchmarks/scale.py)

@@ -80,15 +80,19 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmHWM, VmRSS) in bytes; None where there is no /proc."""
+    try:
+        match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
 def peak_rss() -> int:
     """Peak resident bytes since the last reset (VmHWM), else since the process started (ru_maxrss)."""
-    try:
-        match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+    found = status_bytes("VmHWM")
+    return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
 
 def tight_heap(threshold: int = 65536) -> bool:
@@ -115,13 +119,8 @@ def release_memory() -> None:
 
 def current_rss() -> int:
     """Resident bytes now (VmRSS), or the peak where /proc is not there."""
-    try:
-        match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return peak_rss()
+    found = status_bytes("VmRSS")
+    return found if found is not None else peak_rss()
 
 
 def cpu_name() -> str:

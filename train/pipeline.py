@@ -67,6 +67,19 @@ PIPELINE_PRESETS = {
 }
 
 
+def source_commit() -> str:
+    """The commit of the code a stage ran with ("+dirty" when tracked files differ from it), or "unknown"."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def merge(base: dict, overlay: dict) -> dict:
     """Mappings merge key by key; anything else in `overlay` replaces."""
     out = copy.deepcopy(base)
@@ -160,7 +173,8 @@ class Runner:
                                  f"check {config_path} (model.init_args.export_dir)")
         seconds = time.perf_counter() - start
         self.timings[stage.name] = seconds
-        done.write_text(json.dumps({"product": str(product), "seconds": round(seconds, 1), "inputs": inputs}) + "\n")
+        done.write_text(json.dumps({"product": str(product), "seconds": round(seconds, 1), "inputs": inputs,
+                                    "commit": source_commit(), "hardware": self.hardware}) + "\n")
         self.products[stage.name] = product
         print(f"[pipeline] {stage.name}: finished in {seconds:.1f} s", flush=True)
 
@@ -170,6 +184,12 @@ class Runner:
         from mars.device import resolve_device
 
         return resolve_device(None)
+
+    @functools.cached_property
+    def hardware(self) -> str:
+        from mars.device import describe_hardware
+
+        return describe_hardware(self.device)
 
     def current_inputs(self) -> dict[str, str]:
         """What a stage starting now is built from: every earlier stage's product."""
@@ -221,16 +241,30 @@ class Runner:
               f"strict {summary['overall_strict']:.3f} on {summary['n']} validation prompts")
         return pipe.sampling | best | {"top_k": best.get("top_k") or None}
 
-    def export_bundle(self) -> Path:
+    def provenance(self, command: str, order: list[str]) -> dict:
+        """How the bundle was made, from the stages' DONE.json (in `order`): recorded in its model_index.json."""
+        stages = {name: json.loads((self.out / name / "DONE.json").read_text()) for name in order
+                  if (self.out / name / "DONE.json").is_file()}
+        records = list(stages.values())
+        return {"command": command, "commit": sorted({r.get("commit", "unknown") for r in records}),
+                "hardware": sorted({r.get("hardware", "unknown") for r in records} | {self.hardware}),
+                "stage_seconds": {name: record["seconds"] for name, record in stages.items()},
+                "given": {name: str(path) for name, path in self.products.items()
+                          if name in ("text", "vq", "superres") and name not in stages}}
+
+    def export_bundle(self, provenance: dict) -> Path:
         """DIR/bundle from the text model, the last MARS stage, the VQ and (if trained) the super-resolution model."""
         import torch
 
         from mars.pipeline import MarsPipeline
 
+        start = time.perf_counter()
         pipe = MarsPipeline.from_parts(self.products["text"], self.products["stage2"], self.products["vq"],
                                        superres=self.products.get("superres"))
         pipe.sampling = self.tune_sampling(pipe.to(self.device))
-        bundle = pipe.to("cpu").save_pretrained(self.out / "bundle", dtype=torch.float16)  # fp16 to ship: half the size
+        provenance["stage_seconds"]["tune"] = round(time.perf_counter() - start, 1)
+        bundle = pipe.to("cpu").save_pretrained(self.out / "bundle", dtype=torch.float16,  # fp16: half the size
+                                                provenance=provenance)
         with torch.inference_mode():  # prove it loads and samples before calling it done
             image = MarsPipeline.from_pretrained(bundle)("a red circle", generator=torch.Generator().manual_seed(0))
         print(f"[pipeline] bundle written to {bundle} (sample image {image.images[0].size[0]} px)")
@@ -272,7 +306,8 @@ def main(argv: list[str] | None = None) -> Path:
     if runner.timings or recorded is None or changed or not (bundle / "model_index.json").is_file():
         if changed and not runner.timings:  # e.g. a new --superres for a finished run
             print(f"[pipeline] bundle: rebuilding ({', '.join(changed)} changed since it was built)")
-        bundle = runner.export_bundle()
+        command = " ".join(["python -m train.pipeline"] + (argv if argv is not None else sys.argv[1:]))
+        bundle = runner.export_bundle(runner.provenance(command, [stage.name for stage in stages]))
     else:
         print(f"[pipeline] bundle: done ({bundle})")
     stage_seconds = {path.parent.name: json.loads(path.read_text())["seconds"]

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +30,7 @@ from safetensors.torch import load_file
 from mars.eval import category_prompts
 from mars.model import build_qwen, is_trainable
 from mars.tokenizer import PromptTokenizer
-from mars.shapes import LANGS, render, write_eval_folder
+from mars.shapes import CATEGORIES, LANGS, render, write_eval_folder
 from mars.tokenizer import VocabMap, load_qwen_tokenizer
 from train.__main__ import fallback_precision, find_resume_checkpoint
 from train.__main__ import main as train_main
@@ -151,6 +152,29 @@ def test_codes_rendered_by_workers_match_in_process(world, tmp_path):
     parallel, serial = CodeSet.load(tmp_path / "codes"), CodeSet.load(world["codes"])
     assert torch.equal(parallel.codes[128], serial.codes[128][:20])  # same items, same order
     assert parallel.records == serial.records[:20]
+
+
+def test_scene_weights_set_the_category_mix_and_travel_with_the_codes(world, tmp_path, capsys):
+    counts = lambda weights: Counter(shapes_item(0, i, scene_weights=weights)[1] for i in range(600))  # noqa: E731
+    assert counts(None) == counts({})  # no weights: the uniform mix, item for item
+    only = counts({category: 0.0 for category in CATEGORIES if category not in ("counting", "position")})
+    assert set(only) == {"counting", "position", "scene"}  # free scenes keep their share
+    more = counts({"counting": 4.0})
+    assert more["counting"] > 2 * counts(None)["counting"]
+    with pytest.raises(ValueError, match="scene_weights names 'count'"):
+        shapes_item(0, 0, scene_weights={"count": 2.0})
+    codes_main(["--vq", str(world["vq"]), "--out", str(tmp_path / "codes"), "--n", "12", "--sizes", "128",
+                "--scene-weights", "counting=3", "colors=0"])
+    code_set = CodeSet.load(tmp_path / "codes")
+    assert code_set.meta["scene_weights"] == {"counting": 3.0, "colors": 0.0}
+    assert [r["category"] for r in code_set.records] == [shapes_item(0, i, scene_weights={"counting": 3.0, "colors": 0.0})[1]
+                                                         for i in range(12)]
+    before = (tmp_path / "codes" / "captions.jsonl").read_text(encoding="utf-8")
+    codes_main(["--captions-only", "--out", str(tmp_path / "codes")])  # recomputed with the recorded mix
+    assert (tmp_path / "codes" / "captions.jsonl").read_text(encoding="utf-8") == before
+    with pytest.raises(SystemExit):
+        codes_main(["--vq", str(world["vq"]), "--out", str(tmp_path / "bad"), "--scene-weights", "counting:3"])
+    assert "write CATEGORY=WEIGHT" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_codes_from_an_image_folder(world, tmp_path):

@@ -72,8 +72,26 @@ KINDS = ("prompt", "scene", "caption")
 
 # ----------------------------------------------------------------------------- items to encode
 
-def shapes_item(seed: int, index: int, free_scene_ratio: float = 0.25) -> tuple:
-    """Shapes-world item `index`: (scene, category, captions dict); a pure function of (seed, index).
+def scene_mix(weights: dict[str, float] | None) -> np.ndarray | None:
+    """Probabilities over CATEGORIES from {category: weight} (a category not named weighs 1); None: uniform."""
+    if not weights:
+        return None
+    for category, weight in weights.items():
+        if category not in CATEGORIES:
+            raise ValueError(f"scene_weights names {category!r}: use categories of {CATEGORIES}")
+        if not weight >= 0:
+            raise ValueError(f"scene_weights[{category!r}] = {weight}: weights must be >= 0")
+    p = np.array([float(weights.get(category, 1.0)) for category in CATEGORIES])
+    if not p.sum() > 0:
+        raise ValueError("scene_weights are all 0: give at least one category a positive weight")
+    return p / p.sum()
+
+
+def shapes_item(seed: int, index: int, free_scene_ratio: float = 0.25,
+                scene_weights: dict[str, float] | None = None) -> tuple:
+    """Shapes-world item `index`: (scene, category, captions dict); a pure function of (seed, index,
+    scene_weights). A prompted scene is drawn for a category chosen uniformly, or in proportion to
+    `scene_weights` (more scenes for the categories a model finds hard).
     Its prompt captions are every category prompt the scene passes strictly (mars.shapes.scene_prompts),
     the one it was drawn for first when it is among them (a pair named against drawing order is not);
     a free scene has them too when it passes any."""
@@ -81,7 +99,9 @@ def shapes_item(seed: int, index: int, free_scene_ratio: float = 0.25) -> tuple:
     if rng.random() < free_scene_ratio:
         scene, category, specs = random_scene(rng), "scene", []
     else:
-        example = sample_example(rng, category=str(rng.choice(CATEGORIES)), lang="en")
+        mix = scene_mix(scene_weights)
+        category = str(rng.choice(CATEGORIES) if mix is None else rng.choice(CATEGORIES, p=mix))
+        example = sample_example(rng, category=category, lang="en")
         scene, category, specs = example.scene, example.category, [example.spec]
     passed = scene_prompts(scene)
     specs = list(dict.fromkeys([spec for spec in specs if spec in passed] + passed))
@@ -95,15 +115,18 @@ class ShapesBatches(torch.utils.data.Dataset):
     render batches in parallel (rendering, not VQ encoding, is the bottleneck on a GPU) and hand them
     back in order."""
 
-    def __init__(self, n: int, sizes: list[int], seed: int, batch_size: int):
+    def __init__(self, n: int, sizes: list[int], seed: int, batch_size: int,
+                 scene_weights: dict[str, float] | None = None):
         self.n, self.sizes, self.seed, self.batch_size = n, sizes, seed, batch_size
+        self.scene_weights = scene_weights
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
     def __getitem__(self, batch: int) -> tuple[dict, list[dict]]:
         first = batch * self.batch_size
-        items = [shapes_item(self.seed, i) for i in range(first, min(self.n, first + self.batch_size))]
+        items = [shapes_item(self.seed, i, scene_weights=self.scene_weights)
+                 for i in range(first, min(self.n, first + self.batch_size))]
         images = {size: torch.stack([image_to_tensor(render(scene, size), size) for scene, _, _ in items])
                   for size in self.sizes}  # size -> (B, 3, size, size)
         return images, [{"category": category, "captions": captions} for _, category, captions in items]
@@ -139,12 +162,14 @@ def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) 
 @torch.no_grad()
 def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, sizes: tuple[int, ...] = (128, 256),
                   seed: int = 0, batch_size: int = 64, source: str = "shapes", path: str | None = None,
-                  device: str | torch.device = "cpu", num_workers: int = 0) -> Path:
+                  device: str | torch.device = "cpu", num_workers: int = 0,
+                  scene_weights: dict[str, float] | None = None) -> Path:
     """Encode N images at every size with the VQ tokenizer in `vq_dir` and write the codes directory `out`.
 
     source "shapes" renders shapes-world items 0..N-1 (seeded); "folder"/"webdataset" read `path`
     (train/data.py formats; n=None reads everything). Written atomically: `out` appears complete or not at all.
-    num_workers > 0 renders shapes-world batches in that many processes (the codes are the same).
+    num_workers > 0 renders shapes-world batches in that many processes (the codes are the same);
+    scene_weights sets the shapes world's category mix (shapes_item).
     """
     from vq import VQTokenizer
 
@@ -161,7 +186,9 @@ def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, siz
     if source == "shapes":
         if n is None or n < 1:
             raise ValueError(f"n={n}: the shapes source needs a positive number of images")
-        batches = DataLoader(ShapesBatches(n, sizes, seed, batch_size), batch_size=None, num_workers=num_workers)
+        scene_mix(scene_weights)  # bad weights fail before the tokenizer works
+        batches = DataLoader(ShapesBatches(n, sizes, seed, batch_size, scene_weights), batch_size=None,
+                             num_workers=num_workers)
         total = n
     elif source in ("folder", "webdataset"):
         if path is None:
@@ -191,6 +218,8 @@ def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, siz
             "grids": {str(s): list(tensors[f"codes_{s}"].shape[1:]) for s in sizes},
             "codebook_size": tokenizer.codebook_size, "downsample": tokenizer.downsample,
             "source": source, "seed": seed, "vq": str(Path(vq_dir).resolve())}
+    if source == "shapes" and scene_weights:
+        meta["scene_weights"] = scene_weights
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     staging.rename(out)
     return out
@@ -206,7 +235,7 @@ def rewrite_shapes_captions(directory: str | Path) -> int:
         raise ValueError(f"{directory} holds {meta.get('source')!r} images: only shapes-world captions can be recomputed")
     records = []
     for i in tqdm(range(meta["num_items"]), desc="captions", unit="item", disable=None):
-        _, category, captions = shapes_item(meta["seed"], i)
+        _, category, captions = shapes_item(meta["seed"], i, scene_weights=meta.get("scene_weights"))
         records.append({"index": i, "category": category, "captions": captions})
     staging = directory / (CAPTIONS_FILE + ".partial")
     write_captions(staging, records)
@@ -501,6 +530,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     parser.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=0,
                         help="processes rendering shapes-world batches")
+    parser.add_argument("--scene-weights", nargs="+", default=[], metavar="CATEGORY=WEIGHT",
+                        help="shapes-world category mix, e.g. counting=2 single_object=0.5 (unnamed: 1)")
     args = parser.parse_args(argv)
     if args.vq is None and not args.captions_only:
         parser.error("--vq is required (the VQ tokenizer directory that encodes the images)")
@@ -514,8 +545,16 @@ def run(args: argparse.Namespace) -> int:
     if args.captions_only:
         print(f"rewrote the captions of {rewrite_shapes_captions(args.out)} items in {args.out}")
         return 0
+    weights = {}
+    for item in args.scene_weights:
+        category, _, weight = item.partition("=")
+        try:
+            weights[category] = float(weight)
+        except ValueError:
+            raise ValueError(f"--scene-weights {item!r}: write CATEGORY=WEIGHT, e.g. counting=2") from None
     out = extract_codes(args.vq, args.out, args.n or None, tuple(args.sizes), args.seed, args.batch_size,
-                        args.source, args.path, resolve_device(args.device, "--device"), args.num_workers)
+                        args.source, args.path, resolve_device(args.device, "--device"), args.num_workers,
+                        weights or None)
     print(f"wrote {out}")
     return 0
 

@@ -14,7 +14,8 @@ from stage 2's samples, so a trained one serves a new base model).
 
 Each fit stage is the documented command, run as a subprocess:
 `python -m train fit --config DIR/<stage>/config.yaml`, where that config is the stage YAML of
-train/configs/ (merged with train/configs/smoke/<same name> under --smoke) with its paths wired
+train/configs/ (merged with train/configs/gpu/<same name> on a GPU, and with train/configs/smoke/<same
+name> under --smoke) with its paths wired
 under DIR: checkpoints in DIR/<stage>/checkpoints, logs in DIR/<stage>/logs, the export in
 DIR/<stage>/export (the codes stage too), inputs from the earlier stages' exports. A finished stage leaves
 DIR/<stage>/DONE.json and is skipped by a rerun; an interrupted one resumes from its last.ckpt
@@ -88,11 +89,14 @@ def merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-def load_stage_config(stage: Stage, smoke: bool) -> dict:
+def load_stage_config(stage: Stage, smoke: bool, gpu: bool = False) -> dict:
+    """The stage's YAML, merged with gpu/<same name> (batch sizes and rates for one GPU) on a GPU and then
+    with smoke/<same name> (tiny sizes) under --smoke."""
     config = yaml.safe_load((CONFIG_DIR / stage.config).read_text())
-    overlay = CONFIG_DIR / "smoke" / stage.config
-    if smoke and overlay.is_file():
-        config = merge(config, yaml.safe_load(overlay.read_text()) or {})
+    for folder, wanted in (("gpu", gpu), ("smoke", smoke)):
+        overlay = CONFIG_DIR / folder / stage.config
+        if wanted and overlay.is_file():
+            config = merge(config, yaml.safe_load(overlay.read_text()) or {})
     return config
 
 
@@ -104,8 +108,8 @@ class Runner:
     """Runs the stages of one preset under `out`, remembering where each stage's product lives."""
 
     def __init__(self, out: Path, smoke: bool, vq: str | None = None, text_model: str | None = None,
-                 superres: str | None = None):
-        self.out, self.smoke = out.resolve(), smoke
+                 superres: str | None = None, settings: str = "auto"):
+        self.out, self.smoke, self.settings = out.resolve(), smoke, settings
         given = {"vq": vq, "text": text_model, "superres": superres}
         self.products: dict[str, Path] = {name: Path(path).resolve() for name, path in given.items() if path}
         self.timings: dict[str, float] = {}
@@ -155,8 +159,8 @@ class Runner:
             return
         inputs = self.current_inputs()
         root.mkdir(parents=True, exist_ok=True)
-        config = load_stage_config(stage, self.smoke)
-        start = time.perf_counter()
+        config = load_stage_config(stage, self.smoke, gpu=self.gpu_settings)
+        start, commit = time.perf_counter(), source_commit()
         print(f"[pipeline] {stage.name}: running", flush=True)
         if stage.kind == "codes":
             self.extract(config, product)
@@ -174,7 +178,8 @@ class Runner:
         seconds = time.perf_counter() - start
         self.timings[stage.name] = seconds
         done.write_text(json.dumps({"product": str(product), "seconds": round(seconds, 1), "inputs": inputs,
-                                    "commit": source_commit(), "hardware": self.hardware}) + "\n")
+                                    "commit": commit, "hardware": self.hardware,
+                                    "settings": "gpu" if self.gpu_settings else "cpu"}) + "\n")
         self.products[stage.name] = product
         print(f"[pipeline] {stage.name}: finished in {seconds:.1f} s", flush=True)
 
@@ -184,6 +189,11 @@ class Runner:
         from mars.device import resolve_device
 
         return resolve_device(None)
+
+    @property
+    def gpu_settings(self) -> bool:
+        """Whether stages take train/configs/gpu/ (--settings gpu, or auto on a CUDA machine)."""
+        return self.settings == "gpu" or (self.settings == "auto" and self.device.type == "cuda")
 
     @functools.cached_property
     def hardware(self) -> str:
@@ -218,7 +228,7 @@ class Runner:
         workers = config.get("num_workers", min(16, len(os.sched_getaffinity(0)) - 1))  # rendering in parallel
         extract_codes(self.products["vq"], product, n=config["n"], sizes=tuple(config["sizes"]),
                       seed=config.get("seed", 0), batch_size=config.get("batch_size", 64),
-                      device=self.device, num_workers=workers)
+                      device=self.device, num_workers=workers, scene_weights=config.get("scene_weights"))
 
     def tune_sampling(self, pipe) -> dict:
         """The bundle's default sampler settings: the best of mars.tuning.TUNING_GRID on validation prompts
@@ -276,6 +286,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default="shapes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps (tests, CI)")
     parser.add_argument("--out", type=Path, help="run directory (default runs/<preset>[-smoke])")
+    parser.add_argument("--settings", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="gpu merges train/configs/gpu/<stage config> into each stage (larger batches, bf16, "
+                             "workers); auto: gpu when CUDA is available")
     parser.add_argument("--vq", help="reuse this VQ tokenizer directory instead of training one")
     parser.add_argument("--text-model", help="reuse this Qwen directory (with tokenizer files) instead of stage 0")
     parser.add_argument("--superres", help="reuse this super-resolution model directory (SuperResModel.save_pretrained, "
@@ -289,7 +302,7 @@ def main(argv: list[str] | None = None) -> Path:
         if missing:
             parser.error(f"{flag} {given} has no {missing[0]}: give a stage's export folder, which holds "
                          f"{', '.join(GIVEN_FILES[flag])}")
-    runner = Runner(out, args.smoke, args.vq, args.text_model, args.superres)
+    runner = Runner(out, args.smoke, args.vq, args.text_model, args.superres, args.settings)
     start = time.perf_counter()
     stages = []
     for stage in PIPELINE_PRESETS[args.preset]:

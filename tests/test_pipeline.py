@@ -30,6 +30,8 @@ from mars.pipeline import DEFAULT_SAMPLING, SAMPLER_LIMITS, MarsPipeline, MarsPi
 from mars.sampling import caption_nll, generate_images
 from mars.shapes import render, scene_for_prompt
 from mars.tokenizer import PromptTokenizer, load_qwen_tokenizer
+from mars.device import describe_hardware
+from train.pipeline import CONFIG_DIR, PIPELINE_PRESETS, load_stage_config
 from vq import VQTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +179,63 @@ def test_a_rerun_with_other_parts_rebuilds_the_bundle_from_them(smoke_run, tmp_p
         assert all(torch.equal(now[k], expected[k].to(now[k].dtype)) for k in expected)
     assert json.loads((smoke_run / "pipeline.json").read_text())["bundle_inputs"]["superres"] == str(own.resolve())
     assert "[pipeline] bundle: done" in run_pipeline(smoke_run).stdout  # nothing changed: nothing rebuilt
+
+
+@pytest.mark.slow
+def test_the_bundle_records_how_it_was_made(smoke_run):
+    provenance = json.loads((smoke_run / "bundle" / "model_index.json").read_text())["provenance"]
+    assert provenance["command"] == f"python -m train.pipeline --preset shapes --smoke --out {smoke_run}"
+    stages = [stage.name for stage in PIPELINE_PRESETS["shapes"]]
+    assert list(provenance["stage_seconds"]) == stages + ["tune"]
+    assert all(seconds > 0 for seconds in provenance["stage_seconds"].values())
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert [commit.removesuffix("+dirty") for commit in provenance["commit"]] == [head]
+    assert provenance["hardware"] == [describe_hardware("cpu")] and "cores of" in provenance["hardware"][0]
+    assert provenance["given"] == {}
+
+
+def test_the_shapes_preset_names_every_stage_config_and_needs_no_overlay():
+    """python -m train.pipeline --preset shapes is the whole recipe: each stage's YAML alone (and with its
+    train/configs/gpu/ settings) is a complete training config, and no stage needs another file."""
+    from train.__main__ import main as train_main
+
+    stages = PIPELINE_PRESETS["shapes"]
+    assert [stage.name for stage in stages] == ["text", "vq", "codes", "codes-superres", "stage1", "stage2", "superres"]
+    for stage in stages:
+        assert stage.config == f"shapes_{stage.name.replace('-', '_')}.yaml" and (CONFIG_DIR / stage.config).is_file()
+        if stage.kind == "codes":
+            config = load_stage_config(stage, smoke=False, gpu=True)
+            assert config["n"] > 0 and config["sizes"] and "scene_weights" in config
+            continue
+        for gpu in (False, True):
+            configs = [CONFIG_DIR / stage.config] + ([CONFIG_DIR / "gpu" / stage.config] if gpu else [])
+            configs = [path for path in configs if path.is_file()]
+            with pytest.raises(SystemExit) as printed:
+                train_main(["fit", *(f"--config={path}" for path in configs), "--print_config"])
+            assert printed.value.code in (0, None), (stage.name, gpu)
+
+
+def test_gpu_settings_keep_the_number_of_training_samples():
+    """The GPU files trade steps for batch: stage 2 and super-resolution see as many samples either way."""
+    for name in ("stage2", "superres"):
+        stage = next(stage for stage in PIPELINE_PRESETS["shapes"] if stage.name == name)
+        cpu, gpu = load_stage_config(stage, smoke=False), load_stage_config(stage, smoke=False, gpu=True)
+        samples = lambda c: c["trainer"]["max_steps"] * c["data"]["init_args"]["batch_size"]  # noqa: E731
+        assert gpu["data"]["init_args"]["batch_size"] > cpu["data"]["init_args"]["batch_size"]
+        assert samples(gpu) == samples(cpu)
+
+
+@pytest.mark.slow
+def test_the_gpu_settings_run_through_every_stage(tmp_path):
+    """--settings gpu on a CPU: the train/configs/gpu/ files merge and train (the smoke sizes still apply)."""
+    result = run_pipeline(tmp_path, "--settings", "gpu")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    for stage in ("vq", "stage2", "superres"):
+        assert json.loads((tmp_path / stage / "DONE.json").read_text())["settings"] == "gpu"
+        workers = yaml.safe_load((tmp_path / stage / "config.yaml").read_text())["data"]["init_args"]["num_workers"]
+        assert workers == yaml.safe_load((CONFIG_DIR / "gpu" / f"shapes_{stage}.yaml").read_text())["data"][
+            "init_args"]["num_workers"] > 0
+    assert MarsPipeline.from_pretrained(tmp_path / "bundle").image_size == 256
 
 
 # --- MarsPipeline --------------------------------------------------------------------------------

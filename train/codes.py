@@ -9,6 +9,8 @@ Codes directory format (version 1), written by `extract_codes` / `python -m trai
                             "sizes": [128, 256], "grids": {"128": [8, 8], "256": [16, 16]},
                             "codebook_size": 1024, "downsample": 16, "source": "shapes",
                             "seed": 0, "vq": "<VQ directory used>"}
+                           (+ "held_out": M when the last M items come from a held-out folder, a data
+                           set's test/ part: CodesDataModule validates on exactly them, never trains on them)
     DIR/codes.safetensors  one tensor per encoded image size S: "codes_<S>" of shape
                            (N, S/f, S/f), int16 (int32 when the codebook exceeds 32767 entries).
                            Row i of every tensor is the same image i (the same scene rendered
@@ -19,7 +21,8 @@ Codes directory format (version 1), written by `extract_codes` / `python -m trai
                            kinds: "prompt" (category prompts of the shapes world, mars/shapes.py, that the
                            image passes strictly), "scene" (a full scene description), "caption"
                            (a real-data caption: caption_en holds the source's `caption` field,
-                           whatever its language); langs: "en", "zh"; a list holds equally likely
+                           whatever its language, caption_zh its `caption_zh` when it has one);
+                           langs: "en", "zh"; a list holds equally likely
                            alternatives. Shapes-world items carry prompt_en and prompt_zh (lists:
                            every prompt the scene passes strictly; free scenes often none), scene_en
                            and scene_zh.
@@ -40,6 +43,8 @@ uninterrupted one would: `CodesDataModule` starts its stream at batch
     python -m train.codes --vq checkpoints/vq-shapes --out runs/shapes/codes --n 20000 --sizes 128 256
     python -m train.codes --captions-only --out runs/shapes/codes   # rewrite a shapes set's captions.jsonl
     python -m train.codes --source webdataset --path "shards/{000..099}.tar" --vq DIR --sizes 256 --out DIR
+    python -m train.codes --source folder --path data/emoji/train --held-out data/emoji/test --n 0 --sizes 128 \
+        --vq DIR --out DIR   # every training image, then the held-out ones (validation only)
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import ConcatDataset, DataLoader, IterableDataset, Subset, get_worker_info
 from tqdm import tqdm
 
 from mars.cli import NON_NEGATIVE_INT, POSITIVE_INT, OneLineParser, one_line_errors
@@ -63,7 +68,7 @@ from mars.device import resolve_device
 from mars.errors import first_line
 from mars.shapes import (CATEGORIES, LANGS, describe_scene, format_prompt, parse_prompt, random_scene, render,
                          sample_example, scene_prompts)
-from train.data import ImageCaptionFolder, WebDatasetShards, distributed_rank, image_to_tensor
+from train.data import ImageCaptionFolder, WebDatasetShards, distributed_rank, folder_captions, image_to_tensor
 
 FORMAT, VERSION = "mars-codes", 1
 META_FILE, CODES_FILE, CAPTIONS_FILE = "meta.json", "codes.safetensors", "captions.jsonl"
@@ -132,6 +137,11 @@ class ShapesBatches(torch.utils.data.Dataset):
         return images, [{"category": category, "captions": captions} for _, category, captions in items]
 
 
+def item_captions(item: dict) -> dict[str, str]:
+    """A folder/WebDataset item's captions in the codes format: its `caption`, and its `caption_zh` when it has one."""
+    return {"caption_en": item["caption"]} | ({"caption_zh": item["caption_zh"]} if item.get("caption_zh") else {})
+
+
 def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) -> Iterator[tuple[dict, list[dict]]]:
     """Folder/WebDataset images: read at the largest size, smaller sizes downscaled from it."""
     from torch.nn.functional import interpolate
@@ -140,7 +150,7 @@ def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) 
         full = torch.stack([x["image"] for x in buffer])  # (B, 3, S, S)
         images = {size: full if size == max(sizes) else
                   interpolate(full, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1) for size in sizes}
-        return images, [{"category": None, "captions": {"caption_en": x["caption"]}} for x in buffer]
+        return images, [{"category": None, "captions": item_captions(x)} for x in buffer]
 
     buffer, count = [], 0
     # A map-style set is read by index: ImageCaptionFolder wraps indices around, so never iterate it.
@@ -163,13 +173,15 @@ def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) 
 def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, sizes: tuple[int, ...] = (128, 256),
                   seed: int = 0, batch_size: int = 64, source: str = "shapes", path: str | None = None,
                   device: str | torch.device = "cpu", num_workers: int = 0,
-                  scene_weights: dict[str, float] | None = None) -> Path:
+                  scene_weights: dict[str, float] | None = None, held_out: str | None = None) -> Path:
     """Encode N images at every size with the VQ tokenizer in `vq_dir` and write the codes directory `out`.
 
     source "shapes" renders shapes-world items 0..N-1 (seeded); "folder"/"webdataset" read `path`
     (train/data.py formats; n=None reads everything). Written atomically: `out` appears complete or not at all.
     num_workers > 0 renders shapes-world batches in that many processes (the codes are the same);
-    scene_weights sets the shapes world's category mix (shapes_item).
+    scene_weights sets the shapes world's category mix (shapes_item). held_out (source "folder"): a second
+    folder, every image of it encoded after the first N of `path`; meta.json's "held_out" counts them, and
+    CodesDataModule validates on them (a data set's test/ part: never trained on).
     """
     from vq import VQTokenizer
 
@@ -193,9 +205,18 @@ def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, siz
     elif source in ("folder", "webdataset"):
         if path is None:
             raise ValueError(f"source={source!r} needs path= (a captions.jsonl folder or tar shards)")
-        dataset = (ImageCaptionFolder(path, max(sizes)) if source == "folder"
-                   else WebDatasetShards(path, max(sizes), rank=0, world_size=1))
-        batches, total = _dataset_batches(dataset, n, sizes, batch_size), n
+        if held_out is not None and source != "folder":
+            raise ValueError(f"held_out is for source 'folder' (a test/ folder beside path), not {source!r}")
+        if source == "folder":
+            dataset = ImageCaptionFolder(path, max(sizes))
+            dataset = Subset(dataset, range(min(n, len(dataset)))) if n else dataset  # n None or 0: every image
+            if held_out is not None:
+                held = ImageCaptionFolder(held_out, max(sizes))
+                dataset = ConcatDataset([dataset, held])
+            batches, total = _dataset_batches(dataset, None, sizes, batch_size), len(dataset)
+        else:
+            dataset = WebDatasetShards(path, max(sizes), rank=0, world_size=1)
+            batches, total = _dataset_batches(dataset, n, sizes, batch_size), n
     else:
         raise ValueError(f"source={source!r}: use 'shapes', 'folder' or 'webdataset'")
     dtype = torch.int16 if tokenizer.codebook_size <= torch.iinfo(torch.int16).max + 1 else torch.int32
@@ -220,6 +241,8 @@ def extract_codes(vq_dir: str | Path, out: str | Path, n: int | None = 2048, siz
             "source": source, "seed": seed, "vq": str(Path(vq_dir).resolve())}
     if source == "shapes" and scene_weights:
         meta["scene_weights"] = scene_weights
+    if held_out is not None:
+        meta["held_out"] = len(held)
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     staging.rename(out)
     return out
@@ -409,7 +432,8 @@ class CodeBatches(IndexedBatches):
 
 class CodesDataModule(L.LightningDataModule):
     """CodeBatches from a codes directory for training; the last `val_items` items are held out
-    and `val_batches` fixed batches of them validate.
+    and `val_batches` fixed batches of them validate. val_items null: the codes' held-out items
+    (meta.json "held_out", a data set's test/ folder) when they have any, else a tenth of the items.
 
     strict_captions: only items with a caption of the chosen kind and language take part. A
     `prompt` stage then skips the free scenes, whose descriptions (~100 tokens) would otherwise pad
@@ -421,8 +445,8 @@ class CodesDataModule(L.LightningDataModule):
     Validation keeps uniform draws, so its loss stays comparable across weightings."""
 
     def __init__(self, path: str, batch_size: int = 32, sizes: tuple[int, ...] = (128,), captions: str = "mixed",
-                 lang: str = "both", val_items: int = 64, val_batches: int = 2, seed: int = 0, num_workers: int = 0,
-                 strict_captions: bool = False, category_weights: dict[str, float] | None = None):
+                 lang: str = "both", val_items: int | None = 64, val_batches: int = 2, seed: int = 0,
+                 num_workers: int = 0, strict_captions: bool = False, category_weights: dict[str, float] | None = None):
         super().__init__()
         if captions not in ("mixed", *KINDS):
             raise ValueError(f"captions={captions!r}: use 'mixed' or one of {KINDS}")
@@ -445,8 +469,13 @@ class CodesDataModule(L.LightningDataModule):
         for size in h.sizes:
             self.code_set.grid(size)  # a clear error for a size that was not extracted
         n = len(self.code_set)
-        if n <= h.val_items:
-            raise ValueError(f"{h.path} has {n} items but val_items={h.val_items}: extract more or lower val_items")
+        held_out = int(self.code_set.meta.get("held_out", 0))
+        val_items = h.val_items if h.val_items is not None else held_out or max(1, n // 10)
+        if n <= val_items:
+            raise ValueError(f"{h.path} has {n} items but val_items={val_items}: extract more or lower val_items")
+        if val_items < held_out:
+            raise ValueError(f"val_items={val_items} would train on {held_out - val_items} of the {held_out} held-out "
+                             f"items of {h.path}: set val_items to null (or >= {held_out})")
         records = self.code_set.records
 
         def usable(items: range) -> Sequence[int]:
@@ -458,9 +487,9 @@ class CodesDataModule(L.LightningDataModule):
                                  "set strict_captions false or choose another captions kind")
             return kept
 
-        train = CodeSampler(self.code_set, usable(range(0, n - h.val_items)), h.seed, h.captions, h.lang,
+        train = CodeSampler(self.code_set, usable(range(0, n - val_items)), h.seed, h.captions, h.lang,
                             h.category_weights)
-        val = CodeSampler(self.code_set, usable(range(n - h.val_items, n)), h.seed + 1, h.captions, h.lang)
+        val = CodeSampler(self.code_set, usable(range(n - val_items, n)), h.seed + 1, h.captions, h.lang)
         self.train_set = CodeBatches(train, h.batch_size, h.sizes)
         self.val_set = CodeBatches(val, h.batch_size, h.sizes)
 
@@ -476,28 +505,46 @@ class CodesDataModule(L.LightningDataModule):
 
 class CaptionBatches(IndexedBatches):
     """Caption-only batches {"caption": [str], "seed": int} for the text LM (stage 0): sample p is
-    one caption of shapes item p (seeded), of the chosen kinds and languages."""
+    one caption of shapes item p (seeded), of the chosen kinds and languages; or, given `texts` (an
+    image folder's captions), texts[i] for i in a fresh seeded permutation every pass."""
 
-    def __init__(self, batch_size: int, seed: int, kind: str = "mixed", lang: str = "both"):
-        self.batch_size, self.seed, self.kind, self.lang = batch_size, seed, kind, lang
+    def __init__(self, batch_size: int, seed: int, kind: str = "mixed", lang: str = "both",
+                 texts: Sequence[str] | None = None):
+        self.batch_size, self.seed, self.kind, self.lang, self.texts = batch_size, seed, kind, lang, texts
+        self._perm_epoch, self._perm = -1, None
+
+    def text(self, p: int) -> str:
+        if self.texts is not None:
+            epoch, offset = divmod(p, len(self.texts))
+            if epoch != self._perm_epoch:
+                self._perm = np.random.default_rng([self.seed, 3, epoch]).permutation(len(self.texts))
+                self._perm_epoch = epoch
+            return self.texts[int(self._perm[offset])]
+        options = select_captions(shapes_item(self.seed, p)[2], self.kind, self.lang)
+        return options[int(np.random.default_rng([self.seed, 1, p]).integers(len(options)))]
 
     def make_batch(self, k: int, rank: int = 0, world: int = 1) -> dict:
-        captions = []
-        for p in positions(k, self.batch_size, rank, world):
-            options = select_captions(shapes_item(self.seed, p)[2], self.kind, self.lang)
-            captions.append(options[int(np.random.default_rng([self.seed, 1, p]).integers(len(options)))])
+        captions = [self.text(p) for p in positions(k, self.batch_size, rank, world)]
         return {"caption": captions, "seed": int(np.random.default_rng([self.seed, 2, k, rank]).integers(2**62))}
 
 
 class CaptionsDataModule(L.LightningDataModule):
-    """Shapes-world captions for the text LM: an endless seeded stream and `val_batches` fixed batches."""
+    """Captions for the text LM: an endless seeded stream and `val_batches` fixed batches. Shapes-world
+    captions by default; `path`, an image folder with captions.jsonl: its captions in `lang` ("both":
+    `caption` and `caption_zh`), validated on `val_path`'s (a held-out folder) or, without one, on
+    batches drawn from the same captions in another order."""
 
     def __init__(self, batch_size: int = 64, captions: str = "mixed", lang: str = "both", val_batches: int = 2,
-                 seed: int = 0, num_workers: int = 0):
+                 seed: int = 0, num_workers: int = 0, path: str | None = None, val_path: str | None = None):
         super().__init__()
         self.save_hyperparameters()
-        self.train_set = CaptionBatches(batch_size, seed, captions, lang)
-        self.val_set = CaptionBatches(batch_size, seed + 1_000_003, captions, lang)  # unseen items
+        if val_path is not None and path is None:
+            raise ValueError("val_path needs path: give the training folder's captions too")
+        texts = folder_captions(path, lang) if path is not None else None
+        val_texts = folder_captions(val_path, lang) if val_path is not None else texts
+        self.train_set = CaptionBatches(batch_size, seed, captions, lang, texts)
+        # Shapes: unseen items; a folder: its held-out captions, else its own in another order.
+        self.val_set = CaptionBatches(batch_size, seed + 1_000_003, captions, lang, val_texts)
 
     def train_dataloader(self) -> DataLoader:
         self.train_set.start_batch = resume_batch(self.trainer)
@@ -527,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     parser.add_argument("--source", choices=("shapes", "folder", "webdataset"), default="shapes")
     parser.add_argument("--path", help="image folder with captions.jsonl, or tar shards (source folder/webdataset)")
+    parser.add_argument("--held-out", help="source folder: a held-out image folder (e.g. a data set's test/) encoded "
+                        "after --path; training stages validate on it and never train on it")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     parser.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=0,
                         help="processes rendering shapes-world batches")
@@ -554,7 +603,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--scene-weights {item!r}: write CATEGORY=WEIGHT, e.g. counting=2") from None
     out = extract_codes(args.vq, args.out, args.n or None, tuple(args.sizes), args.seed, args.batch_size,
                         args.source, args.path, resolve_device(args.device, "--device"), args.num_workers,
-                        weights or None)
+                        weights or None, args.held_out)
     print(f"wrote {out}")
     return 0
 

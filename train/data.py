@@ -8,6 +8,7 @@ to S. An unreadable or missing image is skipped with a warning naming it and cou
     from train.data import ShapesWorldDataset
     ds = ShapesWorldDataset(size=128, length=None, seed=0, lang="both", captions="mixed")  # endless stream
     next(iter(ds))["caption"]   # e.g. "a circle above a square" or "一个红色的圆形和一个蓝色的正方形。..."
+    folder_parts("data/emoji")  # (data/emoji/train, data/emoji/test): a folder, or one with train/ and test/
 
 `ImageTextDataModule(source="shapes" | "folder" | "webdataset", ...)` wraps them for Lightning.
 """
@@ -78,6 +79,8 @@ def captions_of(record: dict, lang: str, where: str) -> list[str]:
     if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
         raise ValueError(f"{where}: no string 'caption' field; every record needs one")
     chinese = record.get("caption_zh")
+    if chinese is not None and not isinstance(chinese, str):
+        raise ValueError(f"{where}: 'caption_zh' is not a string; write the Chinese caption as text or leave it out")
     if lang == "en" or not chinese:
         return [record["caption"]]
     return [chinese] if lang == "zh" else [record["caption"], chinese]
@@ -175,35 +178,73 @@ class ShapesWorldStream(ShapesWorldDataset, IterableDataset):
 
 # ----------------------------------------------------------------------------- image folder
 
+LISTING = "captions.jsonl"
+FOLDER_FORMAT = "one {\"file\": ..., \"caption\": ..., \"caption_zh\": ...} object a line, caption_zh optional"
+
+
+def read_listing(root: str | Path) -> list[tuple[str, dict, str]]:
+    """The records of root/captions.jsonl as (image file name, record, "file:line"); one-line errors for a
+    missing listing, a line that is not a JSON object naming an image, and an empty listing."""
+    listing = Path(root) / LISTING
+    if not listing.is_file():
+        raise FileNotFoundError(f"{listing} not found: an image folder needs {LISTING}, {FOLDER_FORMAT}")
+    rows = []
+    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{listing}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error}); write one JSON object a line") from None
+        name = record.get("file", record.get("image")) if isinstance(record, dict) else None
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: no 'file' (or 'image') field naming the image")
+        rows.append((name, record, where))
+    if not rows:
+        raise ValueError(f"{listing} lists no images")
+    return rows
+
+
+def folder_captions(root: str | Path, lang: str = "both") -> list[str]:
+    """Every caption of an image folder's captions.jsonl in `lang` ("both": `caption` and `caption_zh`)."""
+    _check_choice("lang", lang, LANG_CHOICES)
+    return [caption for _, record, where in read_listing(root) for caption in captions_of(record, lang, where)]
+
+
+def folder_parts(root: str | Path) -> tuple[Path, Path | None]:
+    """(training folder, held-out folder or None) of an image-caption data set: a folder with captions.jsonl,
+    or one with train/ and test/ subfolders that have one each (what `python -m mars.emoji build` writes;
+    test/ is optional)."""
+    root = Path(root)
+    if (root / "train" / LISTING).is_file():
+        test = root / "test"
+        return root / "train", test if (test / LISTING).is_file() else None
+    if (root / LISTING).is_file():
+        return root, None
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder: give a folder of images with {LISTING}")
+    raise FileNotFoundError(f"{root} has no {LISTING} (nor train/{LISTING}): give a folder of images with "
+                            f"{LISTING}, {FOLDER_FORMAT}")
+
+
 class ImageCaptionFolder(Dataset):
     """A folder of images and captions.jsonl (`file` or `image`, `caption`, optional `caption_zh`).
 
     Map-style (Lightning adds a DistributedSampler under DDP). An unreadable item is replaced by
     the next readable one, so batches stay full; `skipped` counts replaced requests (per epoch:
-    the number of unreadable items, summed over workers)."""
+    the number of unreadable items, summed over workers). Items carry the record's `caption_zh`
+    too ("" when it has none), so code extraction keeps both languages of a record."""
 
     def __init__(self, root: str | Path, size: int, lang: str = "en"):
         _check_choice("lang", lang, LANG_CHOICES)
         self.root, self.size = Path(root), size
-        listing = self.root / "captions.jsonl"
-        if not listing.is_file():
-            raise FileNotFoundError(f"{listing} not found: an image folder needs captions.jsonl "
-                                    "with one {\"file\": ..., \"caption\": ...} object a line")
         self.items: list[tuple[Path, str]] = []
-        for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{listing}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error}); write one JSON object a line") from None
-            name = record.get("file", record.get("image"))
-            if not isinstance(name, str):
-                raise ValueError(f"{where}: no 'file' (or 'image') field naming the image")
-            self.items += [(self.root / name, caption) for caption in captions_of(record, lang, where)]
-        if not self.items:
-            raise ValueError(f"{listing} lists no images")
+        self.chinese: list[str] = []  # item i's record's caption_zh, "" when none
+        for name, record, where in read_listing(self.root):
+            captions = captions_of(record, lang, where)
+            self.items += [(self.root / name, caption) for caption in captions]
+            self.chinese += [record.get("caption_zh") or ""] * len(captions)  # a string: captions_of checked it
         self.skips = SkipCounter()
 
     @property
@@ -222,7 +263,8 @@ class ImageCaptionFolder(Dataset):
                 if offset == 0:  # count each requested item once; stand-ins are counted when requested
                     self.skips.skip(str(path), error)
                 continue
-            return {"image": image_to_tensor(image, self.size), "caption": caption, "file": path.name}
+            return {"image": image_to_tensor(image, self.size), "caption": caption, "file": path.name,
+                    "caption_zh": self.chinese[(index + offset) % len(self.items)]}
         raise RuntimeError(f"no readable image in {self.root}: every file listed in captions.jsonl failed to load")
 
 
@@ -247,6 +289,7 @@ def shard_list(urls: str | Path | list[str]) -> list[str]:
 
 class WebDatasetShards(IterableDataset):
     """WebDataset tar shards of (.jpg/.jpeg/.png/.webp image, .txt caption or .json {"caption", "caption_zh"}).
+    Items carry `caption_zh` too, as ImageCaptionFolder's do.
 
     Shards split deterministically: rank r of W takes shards[r::W], worker k of K in that rank
     takes every K-th of those, so every sample is read exactly once per epoch when there are at
@@ -290,7 +333,8 @@ class WebDatasetShards(IterableDataset):
                 self.skips.skip(name, error)
                 continue
             for caption in captions:
-                yield {"image": image, "caption": caption, "key": sample["__key__"]}
+                yield {"image": image, "caption": caption, "key": sample["__key__"],
+                       "caption_zh": record.get("caption_zh") or ""}
 
 
 # ----------------------------------------------------------------------------- Lightning

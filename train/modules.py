@@ -1,8 +1,9 @@
 """Thin LightningModules for the MARS stages; the models themselves are plain torch in mars/.
 
-    TextLMModule   stage 0: a small Qwen-architecture LM trained from scratch on shapes-world
-                   captions (English and Chinese) over a trimmed Qwen vocabulary (VocabMap);
-                   exports a Hugging Face directory + tokenizer files + vocab_map.json.
+    TextLMModule   stage 0: a small Qwen-architecture LM trained from scratch on captions (English
+                   and Chinese: the shapes world's, or an image folder's) over a Qwen vocabulary
+                   trimmed to their tokens (VocabMap); exports a Hugging Face directory +
+                   tokenizer files + vocab_map.json.
     MarsLitModule  stages 1 and 2: SemVIE experts over the frozen Qwen on extracted codes
                    (train/codes.py). Stage 1 mixes text-to-image and image-to-text rows
                    (i2t_ratio); stage 2 is text-to-image with caption dropout for CFG.
@@ -157,19 +158,24 @@ class TextLMModule(L.LightningModule):
     """Pretrains a Qwen2/Qwen3-architecture causal LM on captions, sequences [caption][eos].
 
     `text_config`: Qwen config fields (model_type, hidden_size, num_hidden_layers, ...); the
-    vocabulary size and special ids come from the VocabMap built over `vocab_items` shapes items.
+    vocabulary size and special ids come from the VocabMap built over the captions of `vocab_path`
+    (an image folder with captions.jsonl: every `caption` and `caption_zh`) or, without one, of
+    `vocab_items` shapes items. A token outside it reads as the unknown token.
     """
 
     def __init__(self, text_config: dict, vocab_items: int = 4000, vocab_seed: int = 12345,
-                 optim: OptimConfig | None = None, export_dir: str | None = None):
+                 optim: OptimConfig | None = None, export_dir: str | None = None, vocab_path: str | None = None):
         super().__init__()
         from mars.tokenizer import VocabMap, load_qwen_tokenizer
+        from train.data import folder_captions
 
         self.optim = optim or OptimConfig()
         self.save_hyperparameters({"text_config": dict(text_config), "vocab_items": vocab_items,
-                                   "vocab_seed": vocab_seed, "optim": asdict(self.optim), "export_dir": export_dir})
+                                   "vocab_seed": vocab_seed, "optim": asdict(self.optim), "export_dir": export_dir,
+                                   "vocab_path": vocab_path})
         full_tokenizer = load_qwen_tokenizer()
-        self.vocab_map = VocabMap.from_texts(full_tokenizer, shapes_caption_corpus(vocab_items, vocab_seed))
+        corpus = folder_captions(vocab_path) if vocab_path else shapes_caption_corpus(vocab_items, vocab_seed)
+        self.vocab_map = VocabMap.from_texts(full_tokenizer, corpus)
         self.prompt_tokenizer = PromptTokenizer(full_tokenizer, self.vocab_map)
         fields = {**text_config, "vocab_size": len(self.vocab_map), "eos_token_id": self.vocab_map.eos_id,
                   "pad_token_id": self.vocab_map.pad_id, "bos_token_id": None}
@@ -200,8 +206,9 @@ class TextLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint.get("vocab_map_full_ids", self.vocab_map.full_ids) != self.vocab_map.full_ids:
-            raise ValueError("this checkpoint was trained with another vocabulary map (vocab_items/vocab_seed "
-                             "or the Qwen tokenizer changed): resume with the config that wrote it")
+            raise ValueError("this checkpoint was trained with another vocabulary map (vocab_items/vocab_seed, "
+                             "vocab_path's captions or the Qwen tokenizer changed): resume with the config that "
+                             "wrote it")
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:

@@ -4,6 +4,8 @@
     python -m train.pipeline --preset shapes --smoke                      # tiny, minutes on 2 CPU cores
     python -m train.pipeline --preset shapes --vq checkpoints/vq-shapes   # reuse a trained VQ tokenizer
     python -m train.pipeline --preset shapes --superres checkpoints/mars-shapes/superres   # and a super-resolution model
+    python -m train.pipeline --preset emoji                               # builds the emoji set, trains on it
+    python -m train.pipeline --preset emoji --data DIR --out runs/mine    # the same recipe on your own images
 
 Stages of the shapes preset, each trained by train/configs/shapes_<stage>.yaml: text (a small Qwen LM;
 skipped with --text-model DIR), vq (skipped with --vq DIR), codes (extracted once: many scenes at the
@@ -11,6 +13,17 @@ base size) and codes-superres (fewer scenes at both sizes, for super-resolution)
 t2i + i2t), stage2 (t2i refinement, caption dropout) and superres (multi-token super-resolution;
 skipped with --superres DIR, and then its codes-superres too: superres learns from rendered pairs, not
 from stage 2's samples, so a trained one serves a new base model).
+
+The emoji preset is the generic "folder of images with captions" path. Its first stage, data, builds the
+emoji data set (`python -m mars.emoji build`, train/configs/emoji_data.yaml; 16 images under --smoke);
+`--data DIR` replaces that stage with your folder: one with images and captions.jsonl (`file`, `caption`,
+optional `caption_zh`), or one with train/ and test/ subfolders holding one each, as the emoji build
+writes. Then, each by train/configs/emoji_<stage>.yaml: text (the LM on the training captions, English
+and Chinese, its vocabulary their tokens; skipped with --text-model DIR), vq (on the training images;
+skipped with --vq DIR), codes (every training image, then the test/ images, which stages 1 and 2
+validate on and never train on), stage1 and stage2, at 128 px without super-resolution. Sampler tuning
+scores shapes-world prompts with the shapes scorer, so a folder run is not tuned: its bundle keeps
+mars.pipeline.DEFAULT_SAMPLING (evaluate it with python -m mars.metrics, docs/emoji.md).
 
 Each fit stage is the documented command, run as a subprocess:
 `python -m train fit --config DIR/<stage>/config.yaml`, where that config is the stage YAML of
@@ -40,9 +53,11 @@ from pathlib import Path
 import yaml
 
 from mars.cli import OneLineParser
+from mars.errors import first_line
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 BUNDLE_PARTS = ("text", "stage2", "vq", "superres")  # the products export_bundle reads
+DATA_STAGE = "data"  # a preset with this stage trains on an image folder (its product, or --data DIR)
 # The files a directory given in place of a stage must hold: checked before any stage runs, so a typo
 # fails at once instead of after the stages before the one that reads it (minutes to hours).
 GIVEN_FILES = {"--vq": ("config.json", "model.safetensors"),
@@ -54,9 +69,10 @@ GIVEN_FILES = {"--vq": ("config.json", "model.safetensors"),
 class Stage:
     name: str
     config: str  # file name in train/configs/
-    kind: str = "fit"  # "fit" (a Lightning run) or "codes" (extraction)
+    kind: str = "fit"  # "fit" (a Lightning run), "codes" (extraction) or "data" (builds the image folder)
     init_from: str | None = None  # the stage whose export model.init_args.init_from points at
     codes: str = "codes"  # the codes stage whose export data.init_args.path points at
+    folder: bool = False  # reads the image folder: data.init_args.path/val_path, model.init_args.vocab_path
 
 
 PIPELINE_PRESETS = {
@@ -65,6 +81,9 @@ PIPELINE_PRESETS = {
                Stage("codes-superres", "shapes_codes_superres.yaml", kind="codes"),
                Stage("stage1", "shapes_stage1.yaml"), Stage("stage2", "shapes_stage2.yaml", init_from="stage1"),
                Stage("superres", "shapes_superres.yaml", init_from="stage2", codes="codes-superres")),
+    "emoji": (Stage(DATA_STAGE, "emoji_data.yaml", kind="data"), Stage("text", "emoji_text.yaml", folder=True),
+              Stage("vq", "emoji_vq.yaml", folder=True), Stage("codes", "emoji_codes.yaml", kind="codes"),
+              Stage("stage1", "emoji_stage1.yaml"), Stage("stage2", "emoji_stage2.yaml", init_from="stage1")),
 }
 
 
@@ -108,14 +127,15 @@ class Runner:
     """Runs the stages of one preset under `out`, remembering where each stage's product lives."""
 
     def __init__(self, out: Path, smoke: bool, vq: str | None = None, text_model: str | None = None,
-                 superres: str | None = None, settings: str = "auto"):
+                 superres: str | None = None, settings: str = "auto", data: str | None = None):
         self.out, self.smoke, self.settings = out.resolve(), smoke, settings
-        given = {"vq": vq, "text": text_model, "superres": superres}
+        given = {DATA_STAGE: data, "vq": vq, "text": text_model, "superres": superres}
         self.products: dict[str, Path] = {name: Path(path).resolve() for name, path in given.items() if path}
         self.timings: dict[str, float] = {}
 
     def wire(self, stage: Stage, config: dict) -> dict:
-        """Point every path of a fit config under out/<stage> and at the earlier stages' products."""
+        """Point every path of a fit config under out/<stage> and at the earlier stages' products; a folder stage's
+        data (and vocabulary) at the image folder; codebook_size and image_grid at what this run's VQ makes."""
         root = self.out / stage.name
         trainer, model, data = config.setdefault("trainer", {}), config["model"], config.get("data", {})
         trainer["default_root_dir"] = str(root)
@@ -132,11 +152,19 @@ class Runner:
         model_args["export_dir"] = str(root / "export")
         if "text_model" in model_args:
             model_args["text_model"] = str(self.products["text"])
-        if "path" in data_args and stage.codes in self.products:
+        if stage.folder:  # the training images and captions, and the held-out ones (or none)
+            train, test = self.folder_parts
+            data_args.update(path=str(train), val_path=test and str(test))
+            if "vocab_path" in model_args:
+                model_args["vocab_path"] = str(train)
+        elif "path" in data_args and stage.codes in self.products:
             data_args["path"] = str(self.products[stage.codes])
         if "codebook_size" in model_args and "vq" in self.products:  # whatever VQ this run uses
             vq_config = json.loads((self.products["vq"] / "config.json").read_text())
             model_args["codebook_size"] = vq_config["codebook_size"]
+        if "image_grid" in model_args and data_args.get("sizes") and stage.codes in self.products:
+            grids = json.loads((self.products[stage.codes] / "meta.json").read_text())["grids"]  # (its downsampling)
+            model_args["image_grid"] = grids.get(str(data_args["sizes"][0]), model_args["image_grid"])
         if stage.init_from is not None:
             model_args["init_from"] = str(self.products[stage.init_from])
         return config
@@ -164,6 +192,8 @@ class Runner:
         print(f"[pipeline] {stage.name}: running", flush=True)
         if stage.kind == "codes":
             self.extract(config, product)
+        elif stage.kind == "data":
+            self.build_data(stage, config, product)
         else:
             config_path = root / "config.yaml"
             config_path.write_text(yaml.safe_dump(self.wire(stage, config), sort_keys=False, allow_unicode=True))
@@ -220,20 +250,56 @@ class Runner:
                                  f"run uses {name}={now}: give another --out, or delete {self.out / stage.name} to "
                                  "rebuild it")
 
+    @property
+    def folder(self) -> bool:
+        """Whether this run trains on an image folder (the data stage's, or --data's) instead of the shapes world."""
+        return DATA_STAGE in self.products
+
+    @property
+    def folder_parts(self) -> tuple[Path, Path | None]:
+        """The image folder's (training part, held-out part or None): train.data.folder_parts."""
+        from train.data import folder_parts
+
+        return folder_parts(self.products[DATA_STAGE])
+
+    def build_data(self, stage: Stage, config: dict, product: Path) -> None:
+        """`python -m <builder> build --out <product> --<key> <value> ...`: each other key of the stage config
+        a flag of the builder (mars.emoji: size, seed, limit); a null value is left out, true is a bare flag."""
+        from train.data import folder_parts
+
+        shutil.rmtree(product, ignore_errors=True)  # a killed build starts again: the builder is one pass
+        flags = [part for key, value in config.items() if key != "builder" and value is not None and value is not False
+                 for part in ([f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)]))]
+        command = [sys.executable, "-m", config["builder"], "build", "--out", str(product), *flags]
+        result = subprocess.run(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        if result.returncode != 0:
+            raise SystemExit(f"[pipeline] stage {stage.name} failed (exit {result.returncode}): fix the cause and "
+                             "rerun the same command, or give your own image folder with --data DIR")
+        try:
+            folder_parts(product)
+        except FileNotFoundError as error:
+            raise SystemExit(f"[pipeline] stage {stage.name} wrote no image folder ({error}): check "
+                             f"train/configs/{stage.config}") from None
+
     def extract(self, config: dict, product: Path) -> None:
         from train.codes import extract_codes
 
         for stale in (product.with_name(product.name + ".partial"), product):
             shutil.rmtree(stale, ignore_errors=True)  # a killed extraction restarts: it is one pass
         workers = config.get("num_workers", min(16, len(os.sched_getaffinity(0)) - 1))  # rendering in parallel
-        extract_codes(self.products["vq"], product, n=config["n"], sizes=tuple(config["sizes"]),
+        source = {}
+        if config.get("source", "shapes") == "folder":  # every training image, then every held-out one
+            train, test = self.folder_parts
+            source = dict(source="folder", path=str(train), held_out=test and str(test))
+        extract_codes(self.products["vq"], product, n=config.get("n"), sizes=tuple(config["sizes"]),
                       seed=config.get("seed", 0), batch_size=config.get("batch_size", 64),
-                      device=self.device, num_workers=workers, scene_weights=config.get("scene_weights"))
+                      device=self.device, num_workers=workers, scene_weights=config.get("scene_weights"), **source)
 
     def tune_sampling(self, pipe) -> dict:
         """The bundle's default sampler settings: the best of mars.tuning.TUNING_GRID on validation prompts
         (a seed the evaluation does not use), then super-resolution's (mars.tuning.SUPERRES_TUNING_GRID) on
-        the upsampled images; every setting's scores go to DIR/sampling.json."""
+        the upsampled images; every setting's scores go to DIR/sampling.json. Shapes-world prompts and the
+        shapes scorer: export_bundle leaves a folder run untuned."""
         from mars.tuning import tune_sampling, tune_superres
 
         smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)},
@@ -260,7 +326,17 @@ class Runner:
                 "hardware": sorted({r.get("hardware", "unknown") for r in records} | {self.hardware}),
                 "stage_seconds": {name: record["seconds"] for name, record in stages.items()},
                 "given": {name: str(path) for name, path in self.products.items()
-                          if name in ("text", "vq", "superres") and name not in stages}}
+                          if name in (DATA_STAGE, "text", "vq", "superres") and name not in stages}}
+
+    def check_prompts(self) -> list[str]:
+        """What the finished bundle must draw: a shapes prompt, or a folder's first training caption in
+        English and, when it has one, Chinese."""
+        if not self.folder:
+            return ["a red circle"]
+        from train.data import read_listing
+
+        record = read_listing(self.folder_parts[0])[0][1]
+        return [record["caption"]] + ([record["caption_zh"]] if record.get("caption_zh") else [])
 
     def export_bundle(self, provenance: dict) -> Path:
         """DIR/bundle from the text model, the last MARS stage, the VQ and (if trained) the super-resolution model."""
@@ -271,14 +347,37 @@ class Runner:
         start = time.perf_counter()
         pipe = MarsPipeline.from_parts(self.products["text"], self.products["stage2"], self.products["vq"],
                                        superres=self.products.get("superres"))
-        pipe.sampling = self.tune_sampling(pipe.to(self.device))
-        provenance["stage_seconds"]["tune"] = round(time.perf_counter() - start, 1)
+        if self.folder:  # the tuning prompts and scorer are the shapes world's
+            print(f"[pipeline] sampler: not tuned (tuning scores shapes-world prompts), keeping {pipe.sampling}")
+        else:
+            pipe.sampling = self.tune_sampling(pipe.to(self.device))
+            provenance["stage_seconds"]["tune"] = round(time.perf_counter() - start, 1)
         bundle = pipe.to("cpu").save_pretrained(self.out / "bundle", dtype=torch.float16,  # fp16: half the size
                                                 provenance=provenance)
         with torch.inference_mode():  # prove it loads and samples before calling it done
-            image = MarsPipeline.from_pretrained(bundle)("a red circle", generator=torch.Generator().manual_seed(0))
-        print(f"[pipeline] bundle written to {bundle} (sample image {image.images[0].size[0]} px)")
+            prompts = self.check_prompts()
+            image = MarsPipeline.from_pretrained(bundle)(prompts, generator=torch.Generator().manual_seed(0))
+        print(f"[pipeline] bundle written to {bundle} (sample images {image.images[0].size[0]} px from "
+              f"{' / '.join(map(repr, prompts))})")
         return bundle
+
+
+def check_data(parser, data: str, preset: str) -> None:
+    """--data names an image folder whose listings read, for a preset that trains on one: checked before any
+    stage runs, so a typo fails at once instead of after the text and vq stages."""
+    from train.data import folder_captions, folder_parts
+
+    folder_presets = sorted(name for name, stages in PIPELINE_PRESETS.items()
+                            if any(stage.kind == "data" for stage in stages))
+    if preset not in folder_presets:
+        parser.error(f"--data is for a preset that trains on an image folder ({', '.join(folder_presets)}): "
+                     f"the {preset} preset makes its own images")
+    try:
+        for part in folder_parts(data):
+            if part is not None:
+                folder_captions(part)  # every line: JSON, an image name, a caption (and caption_zh a string)
+    except (OSError, ValueError) as error:
+        parser.error(f"--data {first_line(error)}")
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -293,16 +392,20 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--text-model", help="reuse this Qwen directory (with tokenizer files) instead of stage 0")
     parser.add_argument("--superres", help="reuse this super-resolution model directory (SuperResModel.save_pretrained, "
                         "trained over the same text model) instead of the superres stage")
+    parser.add_argument("--data", help="train on this image folder instead of the data stage's (a folder preset): "
+                        "images and captions.jsonl, or train/ and test/ subfolders with one each")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / (args.preset + ("-smoke" if args.smoke else ""))
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file: name a run folder (new, or an earlier run to resume)")
+    if args.data is not None:
+        check_data(parser, args.data, args.preset)
     for flag, given in (("--vq", args.vq), ("--text-model", args.text_model), ("--superres", args.superres)):
         missing = [name for name in GIVEN_FILES[flag] if given and not (Path(given) / name).is_file()]
         if missing:
             parser.error(f"{flag} {given} has no {missing[0]}: give a stage's export folder, which holds "
                          f"{', '.join(GIVEN_FILES[flag])}")
-    runner = Runner(out, args.smoke, args.vq, args.text_model, args.superres, args.settings)
+    runner = Runner(out, args.smoke, args.vq, args.text_model, args.superres, args.settings, args.data)
     start = time.perf_counter()
     stages = []
     for stage in PIPELINE_PRESETS[args.preset]:

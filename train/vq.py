@@ -1,6 +1,11 @@
-"""Lightning training of the VQ tokenizer (vq/) on shapes-world images at mixed sizes.
+"""Lightning training of the VQ tokenizer (vq/) on shapes-world images at mixed sizes, or on an image folder.
 
     python -m train fit --config train/configs/shapes_vq.yaml
+    python -m train fit --config train/configs/emoji_vq.yaml    # a folder: train.data.ImageTextDataModule
+
+An image folder (captions.jsonl; the emoji set, or your own) comes through train.data.ImageTextDataModule
+with source "folder": its train/ images train, its test/ images validate, and `val_verdicts: false` (the
+shapes scorer's verdicts mean nothing there).
 
 `VQLitModule`: L1 + L2 (edge-weighted) reconstruction, commitment, optional LPIPS (local weights
 only) and a PatchGAN discriminator after a warm-up step, under manual optimisation. Logs PSNR and

@@ -53,6 +53,7 @@ MAX_GALLERY = 48  # per session; the oldest images drop off
 GALLERY_COLUMNS = 3
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif"]
 EXAMPLES = "a red circle to the left of a blue square · 两个绿色的三角形"
+OTHER_MODEL = "Another folder…"  # the model picker's last entry: a bundle typed in
 
 log = logging.getLogger("mars.app")
 
@@ -95,6 +96,28 @@ def network_refusal() -> str | None:
     return (f"Not serving the model: this server listens {where}, so anyone who can reach this machine could "
             "use it. Restart it with `streamlit run app/main.py --server.address 127.0.0.1`, or, to serve it on a "
             f"network on purpose, set {NETWORK_ENV}=1.")
+
+
+def shipped_bundles() -> list[str]:
+    """The bundles under the repository's checkpoints/ (a folder with a model_index.json), relative to it."""
+    return sorted(str(index.parent.relative_to(REPO)) for index in (REPO / "checkpoints").glob("*/model_index.json"))
+
+
+def model_picker() -> str:
+    """The checkpoint to load: a shipped bundle from the list, or any bundle folder typed in (the list's last
+    entry). $MARS_CHECKPOINT chooses the first one shown; this session remembers the choice."""
+    bundles = shipped_bundles()
+    if "model" not in st.session_state:
+        start = st.session_state.checkpoint
+        st.session_state.model = start if start in bundles else OTHER_MODEL
+        st.session_state.checkpoint_text = start
+    choice = st.selectbox("Model", bundles + [OTHER_MODEL], key="model",
+                          help="the bundles shipped in checkpoints/, or another folder")
+    if choice == OTHER_MODEL:
+        choice = st.text_input("Checkpoint directory", key="checkpoint_text",
+                               help=f"a bundle from `python -m train.pipeline` (default: ${CHECKPOINT_ENV})")
+    st.session_state.checkpoint = choice
+    return choice
 
 
 def resolve_checkpoint(text: str) -> str:
@@ -283,8 +306,7 @@ def page() -> None:
         st.stop()
     with st.sidebar:
         st.header("Model")
-        checkpoint = st.text_input("Checkpoint directory", key="checkpoint",
-                                   help=f"a bundle from `python -m train.pipeline` (default: ${CHECKPOINT_ENV})")
+        checkpoint = model_picker()
     try:
         pipe = load_pipeline(resolve_checkpoint(checkpoint))
     except Exception as error:  # missing or broken bundle: say which and what to do

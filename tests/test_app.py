@@ -24,7 +24,8 @@ from app.generation import (MAX_PROMPT_CHARS, MODEL_LOCK, PENDING, GenerationJob
                             preview_images, read_image, sampling_threads, to_png)
 from mars.shapes import random_scene, render, score
 
-APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "app" / "main.py")
 PENDING_PIXEL = round((PENDING + 1) * 127.5)
 WIDGET_KINDS = {"super_resolution": "toggle", "seed": "number_input", "top_k": "number_input"}  # others: sliders
 
@@ -139,6 +140,20 @@ def test_loopback_addresses_serve_the_model(monkeypatch, tiny_bundle, server_add
     server_address(address)
     monkeypatch.delenv("MARS_APP_NETWORK", raising=False)
     assert len(open_app(monkeypatch, tiny_bundle).text_area) == 1
+
+
+def test_the_model_picker_lists_the_shipped_bundles_and_takes_another_folder(monkeypatch, tiny_bundle):
+    shipped = sorted(f"checkpoints/{index.parent.name}" for index in (REPO / "checkpoints").glob("*/model_index.json"))
+    assert "checkpoints/mars-shapes" in shipped
+    at = open_app(monkeypatch, tiny_bundle)  # a folder that is not shipped: "another folder", typed in
+    (picker,) = at.selectbox
+    assert picker.options == shipped + ["Another folder…"] and picker.value == "Another folder…"
+    assert at.text_input(key="checkpoint_text").value == str(tiny_bundle) and not at.error
+    at.text_input(key="checkpoint_text").set_value(str(tiny_bundle / "missing")).run()
+    assert "Cannot load the model" in at.error[0].value and at.session_state.checkpoint == str(tiny_bundle / "missing")
+    monkeypatch.setenv("MARS_CHECKPOINT", shipped[0])
+    at = AppTest.from_file(APP, default_timeout=60).run()  # a shipped bundle: chosen in the list, no text box
+    assert at.selectbox[0].value == shipped[0] and len(at.text_input) == 0 and not at.error
 
 
 def test_a_missing_checkpoint_is_reported_in_the_page(monkeypatch, tmp_path):

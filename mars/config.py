@@ -57,6 +57,11 @@ class MarsConfig(JsonConfig):
     image_grid: tuple[int, int] = (8, 8)  # (h, w) codes per image
     visual_norms: bool = False  # True: the visual path gets its own trainable RMSNorms
     image_pos_2d: bool = True  # learned row/column embeddings added to image-code embeddings
+    # Image codes rotate by their row and column (RoPE frequencies alternating between the two) counted
+    # from the image's first position, instead of by their raster position: attention between two codes
+    # then depends on their 2-D offset (as LlamaGen does), and text keeps Qwen's 1-D RoPE unchanged.
+    # The base stage only: super-resolution (mars.superres) places its codes itself.
+    image_rope_2d: bool = False
     text_model: str | None = None  # local Qwen directory (HF format); None: built from text_config
     text_config: dict | None = None  # Qwen config fields incl. "model_type" (qwen2 / qwen3)
 

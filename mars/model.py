@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from mars.config import MarsConfig, MemoryConfig
-from mars.semvie import KVCache, ModalityRouter, SemVIEModel
+from mars.semvie import KVCache, ModalityRouter, SemVIEModel, default_position_ids
 
 CONFIG_NAME = "mars_config.json"
 WEIGHTS_NAME = "mars_trainable.safetensors"
@@ -299,15 +299,39 @@ class MarsModel(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------
 
+    def code_cells(self, input_ids: Tensor, codes_before: int = 0) -> Tensor:
+        """(B, T) -> the raster cell of every code, -1 at every other token (<boi>/<eoi> take no cell).
+        `codes_before`: codes of this image already in the cache."""
+        is_code = self.is_code(input_ids)
+        return torch.where(is_code, is_code.cumsum(1) - 1 + codes_before, -1)
+
     def embed(self, input_ids: Tensor, router: ModalityRouter, codes_before: int = 0) -> Tensor:
         """(B, T) -> (B, T, D). `codes_before`: codes of this image already in the cache."""
         offset = self.image_token_offset
         x = router(input_ids, self.model.embed_tokens, lambda ids: self.image_embed(ids - offset))
         if self.image_row_embed is None or router.all_text:
             return x
-        is_code = self.is_code(input_ids)  # <boi>/<eoi> take no grid cell
-        cell = (is_code.cumsum(1) - 1 + codes_before).clamp(min=0)  # raster index of each code
-        return x + self.grid_embedding(cell) * is_code.unsqueeze(-1)
+        cell = self.code_cells(input_ids, codes_before)  # (B, T)
+        return x + self.grid_embedding(cell.clamp(min=0)) * (cell >= 0).unsqueeze(-1)
+
+    def rotary(self, position_ids: Tensor, cells: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """RoPE cos, sin (B, T, hd) for 1-D position_ids (B or 1, T). With config.image_rope_2d, a position
+        holding a code (`cells` (B or 1, T): its raster cell, -1 elsewhere) rotates by its row in the even
+        RoPE frequencies and by its column in the odd ones, both counted from the image's first position
+        (position - cell): codes attend by 2-D offset, and every other token keeps Qwen's rotation."""
+        cos, sin = self.model.rotary(position_ids)
+        if not self.config.image_rope_2d or cells is None or not bool((cells >= 0).any()):
+            return cos, sin
+        width = self.config.image_grid[1]
+        cell = cells.clamp(min=0)
+        start = position_ids - cell  # the position of the image's first code
+        cos_row, sin_row = self.model.rotary(start + cell // width)
+        cos_col, sin_col = self.model.rotary(start + cell % width)
+        half = cos.shape[-1] // 2
+        by_row = (torch.arange(cos.shape[-1], device=cos.device) % half) % 2 == 0  # (hd,) both halves alike
+        is_code = (cells >= 0).unsqueeze(-1)  # (B, T, 1)
+        return (torch.where(is_code, torch.where(by_row, cos_row, cos_col), cos),
+                torch.where(is_code, torch.where(by_row, sin_row, sin_col), sin))
 
     def embed_codes(self, codes: Tensor, first_cell: int) -> Tensor:
         """Codes (B, T) at raster cells first_cell, first_cell + 1, ... -> (B, T, D): what `embed`
@@ -332,7 +356,14 @@ class MarsModel(nn.Module):
         """Final normalised hidden states (B, T, D); see SemVIEModel.forward for the masks."""
         router = ModalityRouter(input_ids >= self.image_token_offset)
         x = self.embed(input_ids, router, codes_before)
-        return self.model(x, router, position_ids, attention_mask, cache)
+        if not self.config.image_rope_2d or router.all_text:
+            return self.model(x, router, position_ids, attention_mask, cache)
+        if position_ids is None:
+            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            past = cache.length if cache is not None else 0
+            position_ids = default_position_ids(padding, input_ids.shape[1], past, input_ids.device)
+        rope = self.rotary(position_ids, self.code_cells(input_ids, codes_before))
+        return self.model(x, router, attention_mask=attention_mask, cache=cache, rope=rope)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 labels: Tensor | None = None, cache: KVCache | None = None, codes_before: int = 0) -> MarsOutput:

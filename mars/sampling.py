@@ -86,11 +86,14 @@ class DecodePlan:
     RoPE cos/sin of every new position and the additive key-padding mask (None without padding,
     so single-token steps take SDPA's mask-free path)."""
 
-    def __init__(self, model: MarsModel, rows: list[list[int]], num_new: int, device: torch.device):
+    def __init__(self, model: MarsModel, rows: list[list[int]], num_new: int, device: torch.device,
+                 codes: bool = False):
+        """codes: the new tokens are an image's codes, raster cells 0, 1, ... (else text)."""
         input_ids, key_mask = pad_sequences(rows, pad_id=0, side="left")  # (R, T) twice
         self.input_ids, self.prefix_length = input_ids.to(device), input_ids.shape[1]
         next_position = key_mask.sum(1, keepdim=True).to(device)  # (R, 1): RoPE counts real tokens only
-        self.cos, self.sin = model.model.rotary(next_position + torch.arange(num_new, device=device))  # (R, N, hd)
+        new = torch.arange(num_new, device=device)
+        self.cos, self.sin = model.rotary(next_position + new, new[None] if codes else None)  # (R, N, hd)
         self.prefill_mask = self.decode_mask = None
         if not bool(key_mask.all()):
             self.prefill_mask = key_mask.to(device)  # prefill builds causal & padding from it
@@ -126,7 +129,7 @@ def generate(model: MarsModel, prefixes: Sequence[Sequence[int]], *, uncond_pref
     batch, num_codes = len(prefixes), model.config.num_image_tokens
     copies = len(rows) // batch
     device = model.image_head.weight.device
-    plan = DecodePlan(model, rows, num_codes, device)
+    plan = DecodePlan(model, rows, num_codes, device, codes=True)
     cache = model.new_cache(len(rows), plan.prefix_length + num_codes)
     logits = prefill(model, plan.input_ids, plan.prefill_mask, cache, model.image_head)
     codes = torch.empty(batch, num_codes, dtype=torch.long, device=device)

@@ -265,3 +265,38 @@ def test_config_json_round_trip(tmp_path):
     config.save(tmp_path / "c.json")
     loaded = MarsConfig.load(tmp_path / "c.json")
     assert loaded == config and loaded.num_image_tokens == 128 and loaded.eoi_index == 65
+
+
+def test_2d_rope_makes_code_attention_depend_on_the_2d_offset_only():
+    """image_rope_2d: q.k between two codes is the same for every pair at one (row, column) offset, wherever
+    the image starts; text positions keep Qwen's rotation; a code's tables are the 1-D ones of start + row
+    (even frequencies) and start + column (odd ones)."""
+    from mars.semvie import apply_rope, rope_tables
+
+    model = MarsModel.from_config(MarsConfig.from_name("tiny-qwen3", image_grid=(4, 4), image_rope_2d=True))
+    cells = torch.tensor([[-1, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]])  # two text tokens first
+    positions = torch.arange(18)[None]
+    cos, sin = model.rotary(positions, cells)
+    plain_cos, plain_sin = model.model.rotary(positions)
+    assert torch.equal(cos[:, :2], plain_cos[:, :2]) and torch.equal(sin[:, :2], plain_sin[:, :2])
+    row_cos, _ = model.model.rotary(torch.tensor([[2 + 2]]))  # cell 9 = row 2, column 1; the image starts at 2
+    col_cos, _ = model.model.rotary(torch.tensor([[2 + 1]]))
+    half = cos.shape[-1] // 2
+    even = torch.arange(0, half, 2)
+    odd = torch.arange(1, half, 2)
+    assert torch.equal(cos[0, 11, even], row_cos[0, 0, even]) and torch.equal(cos[0, 11, odd], col_cos[0, 0, odd])
+
+    tables = rope_tables(cos, sin)
+    q, k = torch.randn(1, 1, 1, cos.shape[-1]), torch.randn(1, 1, 1, cos.shape[-1])  # one query, one key vector
+
+    def score(query_cell: int, key_cell: int) -> torch.Tensor:
+        i, j = 2 + query_cell, 2 + key_cell  # their positions
+        rotated_q = apply_rope(q, tables[0][:, :, i:i + 1], tables[1][:, :, i:i + 1])
+        return (rotated_q * apply_rope(k, tables[0][:, :, j:j + 1], tables[1][:, :, j:j + 1])).sum()
+
+    # (0,0)->(1,1), (2,2)->(3,3) and (0,2)->(1,3): one 2-D offset; (0,3)->(2,0): the same raster distance, 5
+    assert torch.allclose(score(5, 0), score(15, 10), atol=1e-5) and torch.allclose(score(5, 0), score(7, 2), atol=1e-5)
+    assert not torch.allclose(score(8, 3), score(5, 0), atol=1e-3)
+    model.config.image_rope_2d = False  # off: the 1-D tables everywhere
+    off_cos, _ = model.rotary(positions, cells)
+    assert torch.equal(off_cos, plain_cos)

@@ -49,8 +49,9 @@ def full_forward_image_logits(model: MarsModel, prefix: list[int], codes: torch.
 
 @pytest.mark.parametrize("name", ARCHS)
 @pytest.mark.parametrize("guidance_scale", [None, 3.0])
-def test_cached_decoding_reproduces_full_forward_logits(name, guidance_scale):
-    model = tiny(name)
+@pytest.mark.parametrize("rope_2d", [False, True])
+def test_cached_decoding_reproduces_full_forward_logits(name, guidance_scale, rope_2d):
+    model = tiny(name, image_rope_2d=rope_2d)
     prefixes = [p + [model.boi_token_id] for p in PROMPTS]
     uncond = [[model.boi_token_id]] * len(prefixes) if guidance_scale else None
     codes, logits = generate(model, prefixes, uncond_prefixes=uncond, guidance_scale=guidance_scale or 1.0,
@@ -136,8 +137,9 @@ def test_prompts_as_english_and_chinese_strings_through_a_pretrained_tokenizer()
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_greedy_caption_equals_full_recompute_and_stops_at_eos(name):
-    model = tiny(name, image_grid=(4, 4))
+@pytest.mark.parametrize("rope_2d", [False, True])
+def test_greedy_caption_equals_full_recompute_and_stops_at_eos(name, rope_2d):
+    model = tiny(name, image_grid=(4, 4), image_rope_2d=rope_2d)
     codes = torch.randint(0, 64, (2, 4, 4), generator=seeded())
     captions = caption_images(model, codes, max_new_tokens=6, eos_token_id=[])
     for row in range(2):

@@ -240,7 +240,7 @@ class MarsLitModule(L.LightningModule):
 
     def __init__(self, text_model: str, tokenizer: str | None = None, codebook_size: int = 1024,
                  image_grid: tuple[int, int] = (8, 8), visual_norms: bool = False, image_pos_2d: bool = True,
-                 init_from: str | None = None, i2t_ratio: float = 0.0, caption_dropout: float = 0.0,
+                 image_rope_2d: bool = False, init_from: str | None = None, i2t_ratio: float = 0.0, caption_dropout: float = 0.0,
                  optim: OptimConfig | None = None, memory: MemoryConfig | None = None, export_dir: str | None = None):
         super().__init__()
         if not 0.0 <= i2t_ratio <= 1.0 or not 0.0 <= caption_dropout < 1.0:
@@ -251,12 +251,13 @@ class MarsLitModule(L.LightningModule):
         self.save_hyperparameters({
             "text_model": text_model, "tokenizer": tokenizer, "codebook_size": codebook_size,
             "image_grid": list(image_grid), "visual_norms": visual_norms, "image_pos_2d": image_pos_2d,
-            "init_from": init_from, "i2t_ratio": i2t_ratio, "caption_dropout": caption_dropout,
+            "image_rope_2d": image_rope_2d, "init_from": init_from, "i2t_ratio": i2t_ratio, "caption_dropout": caption_dropout,
             "optim": asdict(self.optim), "memory": asdict(self.memory), "export_dir": export_dir})
         # Loaded straight in the frozen dtype (bf16: a downloaded Qwen is never widened to fp32 whole);
         # configure_memory then makes the experts fp32 master weights whatever the directory's dtype.
         self.model = MarsModel.from_qwen(text_model, codebook_size=codebook_size, image_grid=tuple(image_grid),
                                          visual_norms=visual_norms, image_pos_2d=image_pos_2d,
+                                         image_rope_2d=image_rope_2d,
                                          dtype=getattr(torch, self.memory.frozen_dtype))
         configure_memory(self.model, self.memory)
         self.model.train()  # from_pretrained leaves the Qwen in eval mode; the experts are its copies

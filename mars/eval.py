@@ -6,12 +6,16 @@
     python -m mars.eval --generate --n 300 --failures failures.png   # and a contact sheet of the failed images
     python -m mars.eval --vq checkpoints/vq-shapes --n 200 --size 256 --seed 1234   # a VQ tokenizer's round trips
     python -m mars.eval --images GEN --reference REAL   # any images: FID, KID, concept retrieval (mars.metrics)
+    python -m mars.eval --generate --checkpoint BUNDLE --reference REAL [--n 300] [--lang en|zh|both] [--cache DIR]
 
 DIR holds the images and captions.jsonl (`file` or `image`, `caption`) or prompts.jsonl (`file`,
 `prompt`), e.g. from `python -m mars.shapes --out DIR` (a generator's own images score 1.0).
 `--generate` samples fresh seeded category prompts (the six categories in turn) with a MARS bundle
 (default checkpoints/mars-shapes), in batches, scores the images and prints the same table;
-`--out DIR` keeps the images and prompts.jsonl, so `--images DIR` rescores them. `--vq DIR` renders
+`--out DIR` keeps the images and prompts.jsonl, so `--images DIR` rescores them. `--generate --reference
+REAL` evaluates a model trained on a folder of images instead: it samples one image for each of up to N
+captions of REAL's records (a seeded draw; `caption`, `caption_zh` or both by --lang) and reports FID, KID
+and concept retrieval against REAL, for all the images and for each language. `--vq DIR` renders
 fresh scenes, round-trips them through the tokenizer and reports how often the scorer's verdict
 survives, PSNR and codebook usage.
 Library use: `evaluate([(prompt, pil_image), ...])` -> report dict; `format_table(report)`.
@@ -30,12 +34,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
-from mars.cli import (POSITIVE_INT, OneLineParser, add_sampling_arguments, check_image_folder, check_output_file,
-                      check_prompts, load_pipeline, one_line_errors, sampling_options, write_image_folder)
-from mars.images import load_image, read_image_listing, save_image
+from mars.cli import (DEFAULT_CHECKPOINT, POSITIVE_INT, OneLineParser, add_sampling_arguments, check_image_folder,
+                      check_output_file, check_prompts, load_pipeline, one_line_errors, sampling_options,
+                      write_image_folder)
+from mars.images import labelled_sheet, load_image, read_image_listing, save_image
 from mars.shapes import (CATEGORIES, LANGS, MAX_IMAGE_SIDE, format_prompt, image_side, parse_prompt, random_spec,
                          score, summarize, write_eval_folder)
 
@@ -129,29 +134,11 @@ def failure_sheet(pairs, report: dict) -> Image.Image | None:
     failed = [(prompt, image) for (prompt, image), verdict in zip(pairs, report["verdicts"]) if not verdict["passed"]]
     if not failed:
         return None
-    font = ImageFont.load_default(size=10)
-    label_height = 26
-    rows = -(-len(failed) // SHEET_COLUMNS)
-    sheet = Image.new("RGB", (SHEET_COLUMNS * SHEET_TILE, rows * (SHEET_TILE + label_height)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for index, (prompt, image) in enumerate(failed):
-        x, y = index % SHEET_COLUMNS * SHEET_TILE, index // SHEET_COLUMNS * (SHEET_TILE + label_height)
-        sheet.paste(image.convert("RGB").resize((SHEET_TILE, SHEET_TILE)), (x, y))
-        draw.rectangle((x, y, x + SHEET_TILE - 1, y + SHEET_TILE - 1), outline=(200, 200, 200))
+    tiles = []
+    for prompt, image in failed:
         spec, lang = parse_prompt(prompt)
-        label = prompt if lang == "en" else "zh: " + format_prompt(spec, "en")
-        words, lines = label.split(), [""]
-        for word in words:  # wrap into at most two lines of the tile's width
-            trial = f"{lines[-1]} {word}".strip()
-            if draw.textlength(trial, font=font) <= SHEET_TILE - 4 or not lines[-1]:
-                lines[-1] = trial
-            elif len(lines) < 2:
-                lines.append(word)
-            else:
-                lines[-1] += "…"
-                break
-        draw.multiline_text((x + 2, y + SHEET_TILE + 1), "\n".join(lines), fill="black", font=font, spacing=1)
-    return sheet
+        tiles.append((image, prompt if lang == "en" else "zh: " + format_prompt(spec, "en")))
+    return labelled_sheet(tiles, SHEET_COLUMNS, SHEET_TILE)
 
 
 def verdicts_agree(captions: list[str], originals, reconstructions) -> list[bool]:
@@ -213,6 +200,50 @@ def generate_report(args: argparse.Namespace) -> dict:
     return report
 
 
+def reference_prompts(items: list, n: int, langs: tuple[str, ...], seed: int) -> list[dict]:
+    """Up to n prompts from the records of a real folder (mars.metrics.Item): records in an order drawn with
+    `seed`, each giving its `caption` for "en" and its `caption_zh` for "zh" (where it has one), with the
+    fields retrieval checks (concept, style, skin_tone) and the real image's file name."""
+    rows = []
+    for j in np.random.default_rng(seed).permutation(len(items)).tolist():
+        item = items[j]
+        kept = {key: item.record[key] for key in ("concept", "style", "skin_tone") if key in item.record}
+        for lang in langs:
+            text = item.text if lang == "en" else item.record.get("caption_zh")
+            if isinstance(text, str) and text.strip():
+                rows.append({"prompt": text, "lang": lang, **kept, "reference_file": item.path.name})
+        if len(rows) >= n:
+            break
+    return rows[:n]
+
+
+def generate_real_report(args: argparse.Namespace) -> dict:
+    """--generate --reference: sample captions of the real folder with the model, then FID, KID and retrieval
+    against it (mars.metrics.compare_folders), all images and each language apart."""
+    from mars.metrics import InceptionFeatures, compare_folders, read_folders
+
+    model = InceptionFeatures()  # before any sampling: a missing model file is a one-line error now
+    langs = LANGS if args.lang == "both" else (args.lang,)
+    rows = reference_prompts(read_folders(args.reference), args.n, langs, args.seed)
+    if not rows:
+        raise ValueError(f"--reference {' '.join(map(str, args.reference))} has no caption_zh to sample: "
+                         "use --lang en")
+    prompts = [row["prompt"] for row in rows]
+    options = sampling_options(args)
+    pipe = load_pipeline(args.checkpoint, args.device, args.dtype)
+    check_prompts(pipe, prompts, options["super_resolution"])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.out if args.out is not None else Path(tmp)
+        with tqdm(total=len(prompts), desc="sampling", unit="img", disable=args.json) as bar:
+            write_image_folder(folder, iter_images(pipe, prompts, args.batch_size, args.seed, options, bar), rows)
+        report = compare_folders(folder, args.reference, args.gallery, batch_size=args.batch_size,
+                                 device=args.device, cache_dir=args.cache, progress=not args.json, model=model,
+                                 group_by="lang")
+    report["generated"].update(folder=str(args.out) if args.out is not None else "not kept (--out DIR keeps them)",
+                               checkpoint=str(args.checkpoint or DEFAULT_CHECKPOINT), seed=args.seed)
+    return report
+
+
 def scored_image(path: Path, decode: bool = True) -> Image.Image:
     """An image of an --images folder, or a one-line error naming it (the scorer reads square images).
     decode=False checks the header alone."""
@@ -230,13 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--generate", action="store_true", help="sample the category prompts with a MARS bundle")
     source.add_argument("--vq", type=Path, metavar="DIR", help="round-trip fresh scenes through this VQ tokenizer")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    real = parser.add_argument_group("--images of any kind against real images (FID, KID, concept retrieval)")
+    real = parser.add_argument_group("any images against real ones (FID, KID, concept retrieval), with --images "
+                                     "or --generate")
     real.add_argument("--reference", type=Path, nargs="+", default=None, metavar="DIR",
-                      help="real images with captions.jsonl: report FID, KID and retrieval instead of the shapes scorer")
+                      help="real images with captions.jsonl: report FID, KID and retrieval instead of the shapes "
+                           "scorer; --generate samples the captions of its records")
     real.add_argument("--gallery", type=Path, nargs="+", default=None, metavar="DIR",
                       help="retrieval searches these folders (default: --reference)")
+    real.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                      help="keep the reference's InceptionV3 features in this folder (computed once)")
     generation = parser.add_argument_group("--generate and --vq options")
-    generation.add_argument("--n", type=POSITIVE_INT, default=300, help="images to sample or render (default 300)")
+    generation.add_argument("--n", type=POSITIVE_INT, default=300,
+                            help="images to sample or render; with --reference, captions of it (default 300)")
     generation.add_argument("--lang", choices=(*LANGS, "both"), default="both", help="prompt language (default both)")
     generation.add_argument("--out", type=Path, default=None, help="also save the images and prompts.jsonl here")
     generation.add_argument("--failures", type=Path, default=None, metavar="PNG",
@@ -247,10 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.out or args.failures) and not args.generate:
         parser.error("--out and --failures go with --generate")
-    if (args.reference or args.gallery) and not args.images:
-        parser.error("--reference and --gallery go with --images")
-    if args.gallery and not args.reference:
-        parser.error("--gallery goes with --reference")
+    if (args.reference or args.gallery or args.cache) and not (args.images or args.generate):
+        parser.error("--reference, --gallery and --cache go with --images or --generate")
+    if (args.gallery or args.cache) and not args.reference:
+        parser.error("--gallery and --cache go with --reference")
+    if args.failures and args.reference:
+        parser.error("--failures tiles the images the shapes scorer failed: it does not go with --reference")
     try:  # the outputs, before the model loads
         if args.out is not None:
             check_image_folder(args.out, "--out")
@@ -273,8 +311,11 @@ def run(args: argparse.Namespace) -> int:
     if args.reference is not None:  # a folder of real images: not the shapes world, Inception features
         from mars.metrics import compare_folders, format_report
 
-        report = compare_folders(args.images, args.reference, args.gallery, batch_size=args.batch_size,
-                                 device=args.device, progress=not args.json)
+        if args.generate:
+            report = generate_real_report(args)
+        else:
+            report = compare_folders(args.images, args.reference, args.gallery, batch_size=args.batch_size,
+                                     device=args.device, cache_dir=args.cache, progress=not args.json)
         print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_report(report))
         return 0
     if args.generate:

@@ -4,6 +4,7 @@
     rgb = flatten_on_white(load_image("in.png"))   # any PIL mode -> RGB on white, or a one-line OSError
     check_caption_image(rgb, "in.png")             # ValueError: too small to caption, or blank
     save_image(rgb, Path("out.png"))                # written whole or not at all
+    labelled_sheet([(rgb, "a caption")], columns=6)  # images tiled with a label under each
 
 Tests: `pytest tests/test_bad_input.py tests/test_app.py`.
 """
@@ -17,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from mars.errors import first_line
 
@@ -100,6 +101,35 @@ def save_image(image: Image.Image, path: Path) -> None:
     finally:
         with contextlib.suppress(OSError):  # gone after the rename, or never made
             partial.unlink()
+
+
+def labelled_sheet(tiles: list[tuple[Image.Image | None, str]], columns: int, tile: int = 128) -> Image.Image:
+    """(image or None, label) pairs -> one RGB sheet on white: `columns` tiles a row, each image resized to
+    tile x tile and framed, its label under it in at most two lines (Pillow's default font, which draws
+    Latin text only: give a Chinese prompt's English twin). None leaves its tile blank, label and all."""
+    font = ImageFont.load_default(size=10)
+    label_height = 26
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, (image, label) in enumerate(tiles):
+        if image is None:
+            continue
+        x, y = index % columns * tile, index // columns * (tile + label_height)
+        sheet.paste(flatten_on_white(image).resize((tile, tile)), (x, y))
+        draw.rectangle((x, y, x + tile - 1, y + tile - 1), outline=(200, 200, 200))
+        lines = [""]
+        for word in label.split():  # wrap into at most two lines of the tile's width
+            trial = f"{lines[-1]} {word}".strip()
+            if draw.textlength(trial, font=font) <= tile - 4 or not lines[-1]:
+                lines[-1] = trial
+            elif len(lines) < 2:
+                lines.append(word)
+            else:
+                lines[-1] += "…"
+                break
+        draw.multiline_text((x + 2, y + tile + 1), "\n".join(lines), fill="black", font=font, spacing=1)
+    return sheet
 
 
 LISTINGS = (("captions.jsonl", "caption"), ("prompts.jsonl", "prompt"))  # (file, its text field), in order

@@ -5,6 +5,7 @@
     python -m mars.metrics --images D/train --images-where style=openmoji --reference D/train \\
         --reference-where style=noto                                    # FID between the two styles
     python -m mars.metrics ceiling D                                     # a built emoji set's ceiling
+    python -m mars.metrics --images GEN --reference D/train --group-by lang   # and each language apart
 
 Library use: `compare_folders(generated_dir, reference_dir) -> dict`; `ceiling(dataset_dir) -> dict`.
 
@@ -279,6 +280,18 @@ def concepts_of(generated: list[Item], reference: list[Item]) -> list[Keys]:
     return out
 
 
+def pick_concepts(items: list[Item], n: int, seed: int = 0) -> list[Item]:
+    """One item each of `n` concepts of `items` (all of them when there are fewer), drawn with `seed` alone
+    (never the global RNG), in concept order: a fixed set to follow retrieval on while a model trains."""
+    by_concept: dict[str, list[Item]] = {}
+    for item in items:
+        by_concept.setdefault(keys_of(item).concept, []).append(item)
+    names = sorted(by_concept)
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(names), size=min(n, len(names)), replace=False).tolist())
+    return [by_concept[names[j]][int(rng.integers(len(by_concept[names[j]])))] for j in chosen]
+
+
 # ----------------------------------------------------------------------------- the metrics
 
 class _Given(torch.nn.Module):
@@ -396,15 +409,17 @@ def compare_folders(generated_dir: str | Path, reference_dir, gallery_dir=None,
                     generated_where: dict | None = None, reference_where: dict | None = None,
                     gallery_where: dict | None = None, batch_size: int = 32, device=None,
                     cache_dir: Path | None = None, kid_subset_size: int = KID_SUBSET, progress: bool = True,
-                    model: InceptionFeatures | None = None) -> dict:
+                    model: InceptionFeatures | None = None, group_by: str | None = None) -> dict:
     """FID, KID and concept retrieval of the images in `generated_dir` against the real ones in `reference_dir`.
 
     Every folder holds captions.jsonl or prompts.jsonl; `reference_dir` and `gallery_dir` may be lists of
     folders. Retrieval searches `gallery_dir` (default: the reference), e.g. all real images, [D/train,
     D/test], while FID compares with a data set's test split; `*_where` keep the records whose fields
     have those values (e.g. {"style": "noto"}). `cache_dir` keeps reference and gallery features between
-    calls. Returns {"fid", "kid_mean", "kid_std", "kid_subset_size", "retrieval": {...}, "generated": {...},
-    "reference": {...}, ["gallery": {...}], "feature_model"}."""
+    calls. `group_by` (a generated record field, e.g. "lang") also scores the generated images of each of its
+    values apart, under "by_<field>": {value: {"images", "fid", "kid_mean", ..., "retrieval"}}.
+    Returns {"fid", "kid_mean", "kid_std", "kid_subset_size", "retrieval": {...}, "generated": {...},
+    "reference": {...}, ["gallery": {...}], ["by_<field>": {...}], "feature_model"}."""
     model = model or InceptionFeatures()
     generated = read_folder(generated_dir, generated_where)
     reference = read_folders(reference_dir, reference_where)
@@ -420,7 +435,22 @@ def compare_folders(generated_dir: str | Path, reference_dir, gallery_dir=None,
     else:
         gallery = read_folders(gallery_dir, gallery_where)
         g_features = extract_features([i.path for i in gallery], cache_dir=cache_dir, desc="gallery", **options)
-    out["retrieval"] = retrieval(fake, concepts_of(generated, gallery), g_features, [keys_of(i) for i in gallery])
+    fake_keys, g_keys = concepts_of(generated, gallery), [keys_of(i) for i in gallery]
+    out["retrieval"] = retrieval(fake, fake_keys, g_features, g_keys)
+    if group_by:
+        groups: dict[str, list[int]] = {}
+        for j, item in enumerate(generated):
+            value = item.record.get(group_by)
+            if value is not None:
+                groups.setdefault(",".join(map(str, value)) if isinstance(value, list) else str(value), []).append(j)
+        out[f"by_{group_by}"] = {}
+        for value, rows in sorted(groups.items()):
+            if len(rows) == len(generated):  # one group holds every image: the figures above
+                part = {key: out[key] for key in ("fid", "kid_mean", "kid_std", "kid_subset_size", "retrieval")}
+            else:
+                part = {**fid_kid(real, fake[rows], subset_size=kid_subset_size),
+                        "retrieval": retrieval(fake[rows], [fake_keys[j] for j in rows], g_features, g_keys)}
+            out[f"by_{group_by}"][value] = {"images": len(rows), **part}
     out["generated"] = _describe(generated_dir, generated, generated_where)
     out["reference"] = _describe(reference_dir, reference, reference_where)
     if not same_gallery:
@@ -513,6 +543,12 @@ def format_report(report: dict) -> str:
               f"concept ({r['unknown_concept']} unknown), {r['gallery_concepts']} concepts in the gallery",
               f"skin tone  top-1 {_fmt(r['tone_top1'], 3)}  over {r['tone_n']} images",
               f"style      top-1 {_fmt(r['style_top1'], 3)}  over {r['style_n']} images"]
+    for key in [k for k in report if k.startswith("by_")]:
+        for value, part in report[key].items():
+            found = part["retrieval"]
+            lines.append(f"{key[3:]}={value}".ljust(10) + f" retrieval top-1 {_fmt(found['top1'], 3)}  top-5 "
+                         f"{_fmt(found['top5'], 3)}  FID {_fmt(part['fid'], 2)}  KID {_fmt(part['kid_mean'])}  "
+                         f"over {part['images']} images")
     return "\n".join(lines)
 
 
@@ -531,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-where", nargs="*", default=None, metavar="KEY=VALUE", help="keep matching records")
     parser.add_argument("--reference-where", nargs="*", default=None, metavar="KEY=VALUE")
     parser.add_argument("--gallery-where", nargs="*", default=None, metavar="KEY=VALUE")
+    parser.add_argument("--group-by", default=None, metavar="KEY",
+                        help="also score the generated images of each value of this record field apart (e.g. lang)")
     _common(parser)
     args = parser.parse_args(argv)
 
@@ -541,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                                  parse_where(args.reference_where, "--reference-where"),
                                  parse_where(args.gallery_where, "--gallery-where"),
                                  batch_size=args.batch_size, device=args.device, cache_dir=args.cache,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, group_by=args.group_by)
         print(json.dumps(report, indent=1, ensure_ascii=False) if args.json else format_report(report))
         return 0
     return run()

@@ -178,9 +178,9 @@ def test_mars_eval_scores_any_folder_against_real_images(folders, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["fid"] == pytest.approx(0, abs=0.05) and report["retrieval"]["top1"] == 1.0
     with pytest.raises(SystemExit) as stop:
-        mars_eval.main(["--generate", "--reference", str(real)])
+        mars_eval.main(["--vq", str(real), "--reference", str(real)])
     assert stop.value.code == 2
-    assert capsys.readouterr().err.strip().endswith("--reference and --gallery go with --images")
+    assert capsys.readouterr().err.strip().endswith("--reference, --gallery and --cache go with --images or --generate")
 
 
 @pytest.mark.slow
@@ -192,6 +192,10 @@ def test_the_command_line(folders, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["reference"]["images"] == 4 and report["gallery"]["images"] == 24
     assert report["retrieval"]["gallery_concepts"] == 3 and report["fid"] > 0
+    assert M.main(["--images", str(copy), "--reference", str(real), "--group-by", "concept", "--json", "--quiet"]) == 0
+    groups = json.loads(capsys.readouterr().out)["by_concept"]  # each concept's images scored apart
+    assert {concept: (part["images"], part["retrieval"]["top1"]) for concept, part in groups.items()} == \
+        {"s0": (4, 1.0), "s1": (4, 1.0), "s2": (4, 1.0)}
     assert M.main(["--images", str(noise), "--reference", str(real), "--images-where", "oops", "--quiet"]) == 2
     assert capsys.readouterr().err == "error: --images-where 'oops': write KEY=VALUE, e.g. style=noto\n"
 

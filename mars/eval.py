@@ -50,10 +50,7 @@ SHEET_COLUMNS = 6
 
 def read_listing(folder: str | Path) -> list[tuple[Path, str]]:
     """[(image path, prompt)] from folder/captions.jsonl or folder/prompts.jsonl."""
-    listing, entries = read_image_listing(folder)
-    if not entries:
-        raise ValueError(f"{listing} lists no images")
-    return [(path, text) for path, text, _ in entries]
+    return [(path, text) for path, text, _, _ in read_image_listing(folder)[1]]
 
 
 def evaluate(pairs, progress: bool = True, total: int | None = None) -> dict:

@@ -135,31 +135,39 @@ def labelled_sheet(tiles: list[tuple[Image.Image | None, str]], columns: int, ti
 LISTINGS = (("captions.jsonl", "caption"), ("prompts.jsonl", "prompt"))  # (file, its text field), in order
 
 
-def read_image_listing(folder: str | Path) -> tuple[Path, list[tuple[Path, str, dict]]]:
-    """(the listing, [(image path, caption or prompt, the whole record)]) of a folder of images with
-    captions.jsonl or prompts.jsonl (`file` or `image`, and `caption` or `prompt`), one-line errors."""
+def read_image_listing(folder: str | Path, listings: tuple[tuple[str, str], ...] = LISTINGS
+                       ) -> tuple[Path, list[tuple[Path, str, dict, str]]]:
+    """(the listing, [(image path, caption or prompt, the whole record, "listing:line")]) of a folder of
+    images with the first of `listings` it holds (default: captions.jsonl, else prompts.jsonl; `file` or
+    `image`, and the listing's text field), with one-line errors for a missing folder or listing, a line
+    that is not a JSON object with those string fields, and a listing of no images."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    for name, text_key in LISTINGS:
+    for name, text_key in listings:
         listing = folder / name
         if listing.is_file():
             break
     else:
-        raise FileNotFoundError(f"{folder} has neither captions.jsonl nor prompts.jsonl; "
-                                "write one JSON object a line with 'file' and 'caption' (or 'prompt')")
+        names = [name for name, _ in listings]
+        has = f"neither {' nor '.join(names)}" if len(names) > 1 else f"no {names[0]}"
+        keys = " (or ".join(repr(key) for _, key in listings) + ")" * (len(listings) - 1)
+        raise FileNotFoundError(f"{folder} has {has}; write one JSON object a line with 'file' and {keys}")
     entries = []
     for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{listing}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{listing}:{number}: not valid JSON ({error})") from None
+            raise ValueError(f"{where}: not valid JSON ({error}); write one JSON object a line") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{listing}:{number}: each line must be a JSON object with 'file' and {text_key!r}")
+            raise ValueError(f"{where}: each line must be a JSON object with 'file' and {text_key!r}")
         file, text = record.get("file", record.get("image")), record.get(text_key)
         if not isinstance(file, str) or not isinstance(text, str):
-            raise ValueError(f"{listing}:{number}: needs string fields 'file' and {text_key!r}")
-        entries.append((folder / file, text, record))
+            raise ValueError(f"{where}: needs string fields 'file' (or 'image') and {text_key!r}")
+        entries.append((folder / file, text, record, where))
+    if not entries:
+        raise ValueError(f"{listing} lists no images")
     return listing, entries

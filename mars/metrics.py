@@ -225,9 +225,9 @@ def read_folder(folder: str | Path, where: dict[str, str] | None = None) -> list
     """The images a folder's captions.jsonl (or prompts.jsonl) lists, with their records, filtered by `where`
     (record field -> wanted value; a list field matches its values joined by commas)."""
     listing, entries = read_image_listing(folder)
-    items = [Item(path, text, record) for path, text, record in entries if not where or _matches(record, where)]
+    items = [Item(path, text, record) for path, text, record, _ in entries if not where or _matches(record, where)]
     if not items:
-        raise ValueError(f"{listing} lists no images" + (f" matching {where}" if where else ""))
+        raise ValueError(f"{listing} lists no images matching {where}")
     return items
 
 

@@ -28,7 +28,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mars.images import flatten_on_white
+from mars.images import LISTINGS, flatten_on_white, read_image_listing
 from mars.shapes import describe_scene, random_scene, render, sample_example
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -178,32 +178,15 @@ class ShapesWorldStream(ShapesWorldDataset, IterableDataset):
 
 # ----------------------------------------------------------------------------- image folder
 
-LISTING = "captions.jsonl"
+LISTING = LISTINGS[0][0]  # captions.jsonl
 FOLDER_FORMAT = "one {\"file\": ..., \"caption\": ..., \"caption_zh\": ...} object a line, caption_zh optional"
 
 
-def read_listing(root: str | Path) -> list[tuple[str, dict, str]]:
-    """The records of root/captions.jsonl as (image file name, record, "file:line"); one-line errors for a
-    missing listing, a line that is not a JSON object naming an image, and an empty listing."""
-    listing = Path(root) / LISTING
-    if not listing.is_file():
-        raise FileNotFoundError(f"{listing} not found: an image folder needs {LISTING}, {FOLDER_FORMAT}")
-    rows = []
-    for number, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{listing}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error}); write one JSON object a line") from None
-        name = record.get("file", record.get("image")) if isinstance(record, dict) else None
-        if not isinstance(name, str):
-            raise ValueError(f"{where}: no 'file' (or 'image') field naming the image")
-        rows.append((name, record, where))
-    if not rows:
-        raise ValueError(f"{listing} lists no images")
-    return rows
+def read_listing(root: str | Path) -> list[tuple[Path, dict, str]]:
+    """The records of root/captions.jsonl as (image path, record, "file:line") (mars.images.read_image_listing:
+    one-line errors for a missing listing, a line that is not a JSON object naming an image and its
+    caption, and an empty listing)."""
+    return [(path, record, where) for path, _, record, where in read_image_listing(root, LISTINGS[:1])[1]]
 
 
 def folder_captions(root: str | Path, lang: str = "both") -> list[str]:
@@ -241,9 +224,9 @@ class ImageCaptionFolder(Dataset):
         self.root, self.size = Path(root), size
         self.items: list[tuple[Path, str]] = []
         self.chinese: list[str] = []  # item i's record's caption_zh, "" when none
-        for name, record, where in read_listing(self.root):
+        for path, record, where in read_listing(self.root):
             captions = captions_of(record, lang, where)
-            self.items += [(self.root / name, caption) for caption in captions]
+            self.items += [(path, caption) for caption in captions]
             self.chinese += [record.get("caption_zh") or ""] * len(captions)  # a string: captions_of checked it
         self.skips = SkipCounter()
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from mars.sampling import caption_nll, generate_images
 from mars.shapes import render, scene_for_prompt
 from mars.tokenizer import PromptTokenizer, load_qwen_tokenizer
 from mars.device import describe_hardware
-from train.pipeline import CONFIG_DIR, PIPELINE_PRESETS, load_stage_config
+from train.pipeline import CONFIG_DIR, PIPELINE_PRESETS, StageClock, load_stage_config
 from vq import VQTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,6 +131,7 @@ def test_rerun_skips_finished_stages_and_resumes_an_unfinished_one(smoke_run, pi
     result = run_pipeline(smoke_run)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "auto-resume" in result.stdout + result.stderr and "[pipeline] stage2: finished" in result.stdout
+    assert json.loads((smoke_run / "stage2" / "DONE.json").read_text())["attempts"] == 2  # both count
     again = load_file(smoke_run / "stage2" / "export" / "mars_trainable.safetensors")
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
     reloaded = MarsPipeline.from_pretrained(smoke_run / "bundle")
@@ -192,6 +194,20 @@ def test_the_bundle_records_how_it_was_made(smoke_run):
     assert [commit.removesuffix("+dirty") for commit in provenance["commit"]] == [head]
     assert provenance["hardware"] == [describe_hardware("cpu")] and "cores of" in provenance["hardware"][0]
     assert provenance["given"] == {}
+
+
+def test_a_stage_clock_counts_every_attempt_but_not_the_time_between(tmp_path):
+    path = tmp_path / "clock.json"
+    killed = StageClock(path, beat=0.05).__enter__()
+    time.sleep(0.3)
+    killed._stop.set()  # the process dies: no __exit__, the heartbeat stops
+    first = json.loads(path.read_text())
+    assert len(first) == 1 and 0.2 <= first[0][1] - first[0][0] <= 0.4
+    time.sleep(0.3)  # down between attempts
+    with StageClock(path, beat=0.05) as resumed:
+        time.sleep(0.1)
+    assert len(resumed.attempts) == 2 and json.loads(path.read_text()) == resumed.attempts
+    assert first[0][1] - first[0][0] + 0.1 <= resumed.seconds <= first[0][1] - first[0][0] + 0.3
 
 
 def test_the_shapes_preset_names_every_stage_config_and_needs_no_overlay():

@@ -48,6 +48,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,44 @@ PIPELINE_PRESETS = {
               Stage("vq", "emoji_vq.yaml", folder=True), Stage("codes", "emoji_codes.yaml", kind="codes"),
               Stage("stage1", "emoji_stage1.yaml"), Stage("stage2", "emoji_stage2.yaml", init_from="stage1")),
 }
+
+
+class StageClock:
+    """Wall time a stage spends over all its attempts: a run killed mid-stage and resumed counts both parts.
+    DIR/<stage>/clock.json keeps each attempt's [start, last seen] (Unix seconds); while the stage runs a
+    daemon thread refreshes the last one every `beat` seconds, so a SIGKILL loses at most that much."""
+
+    def __init__(self, path: Path, beat: float = 30.0):
+        self.path, self.beat = path, beat
+        self.attempts: list[list[float]] = json.loads(path.read_text()) if path.is_file() else []
+        self._stop = threading.Event()
+
+    def _save(self) -> None:
+        self.attempts[-1][1] = time.time()
+        staging = self.path.with_name(self.path.name + ".partial")
+        staging.write_text(json.dumps(self.attempts) + "\n")
+        staging.replace(self.path)  # atomic: a kill never leaves half a file
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.beat):
+            self._save()
+
+    def __enter__(self) -> StageClock:
+        now = time.time()
+        self.attempts.append([now, now])
+        self._save()
+        self._thread = threading.Thread(target=self._refresh, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._save()
+
+    @property
+    def seconds(self) -> float:
+        return sum(end - start for start, end in self.attempts)
 
 
 def source_commit() -> str:
@@ -194,8 +233,19 @@ class Runner:
         inputs = self.current_inputs()
         root.mkdir(parents=True, exist_ok=True)
         config = load_stage_config(stage, self.smoke, gpu=self.gpu_settings)
-        start, commit = time.perf_counter(), source_commit()
+        commit = source_commit()
         print(f"[pipeline] {stage.name}: running", flush=True)
+        with StageClock(root / "clock.json") as clock:
+            self.run_stage(stage, config, root, product)
+        seconds = self.timings[stage.name] = clock.seconds
+        done.write_text(json.dumps({"product": str(product), "seconds": round(seconds, 1), "inputs": inputs,
+                                    "attempts": len(clock.attempts), "commit": commit, "hardware": self.hardware,
+                                    "settings": "gpu" if self.gpu_settings else "cpu"}) + "\n")
+        self.products[stage.name] = product
+        print(f"[pipeline] {stage.name}: finished in {seconds:.1f} s", flush=True)
+
+    def run_stage(self, stage: Stage, config: dict, root: Path, product: Path) -> None:
+        """One attempt at `stage`: extraction and data builds start over, a fit resumes from its last.ckpt."""
         if stage.kind == "codes":
             self.extract(config, product)
         elif stage.kind == "data":
@@ -211,13 +261,6 @@ class Runner:
             if not product.is_dir():
                 raise SystemExit(f"[pipeline] stage {stage.name} finished without writing {product}: "
                                  f"check {config_path} (model.init_args.export_dir)")
-        seconds = time.perf_counter() - start
-        self.timings[stage.name] = seconds
-        done.write_text(json.dumps({"product": str(product), "seconds": round(seconds, 1), "inputs": inputs,
-                                    "commit": commit, "hardware": self.hardware,
-                                    "settings": "gpu" if self.gpu_settings else "cpu"}) + "\n")
-        self.products[stage.name] = product
-        print(f"[pipeline] {stage.name}: finished in {seconds:.1f} s", flush=True)
 
     @functools.cached_property
     def device(self):

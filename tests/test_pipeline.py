@@ -32,7 +32,7 @@ from mars.sampling import caption_nll, generate_images
 from mars.shapes import render, scene_for_prompt
 from mars.tokenizer import PromptTokenizer, load_qwen_tokenizer
 from mars.device import describe_hardware
-from train.pipeline import CONFIG_DIR, PIPELINE_PRESETS, StageClock, load_stage_config
+from train.pipeline import CONFIG_DIR, PIPELINE_PRESETS, StageClock, hold_run_lock, load_stage_config
 from vq import VQTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,6 +194,23 @@ def test_the_bundle_records_how_it_was_made(smoke_run):
     assert [commit.removesuffix("+dirty") for commit in provenance["commit"]] == [head]
     assert provenance["hardware"] == [describe_hardware("cpu")] and "cores of" in provenance["hardware"][0]
     assert provenance["given"] == {}
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from train.pipeline import hold_run_lock; lock = hold_run_lock(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_pipeline(tmp_path)
+        assert result.returncode != 0 and not (tmp_path / "text").exists()
+        message = result.stderr.strip().splitlines()[-1]
+        assert f"is in use by a running pipeline (pid {holder.pid})" in message and "rerun this command" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    hold_run_lock(tmp_path).close()  # the lock went with the killed holder
 
 
 def test_a_stage_clock_counts_every_attempt_but_not_the_time_between(tmp_path):

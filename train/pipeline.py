@@ -411,6 +411,26 @@ class Runner:
         return bundle
 
 
+def hold_run_lock(out: Path):
+    """An exclusive lock on out/pipeline.lock (the open file: keep it): two runs in one folder would train the
+    same stages over each other. The system drops the lock when the process ends, a kill -9 too."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / "pipeline.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        raise SystemExit(f"[pipeline] {out} is in use by a running pipeline ({holder}): wait for it to finish, or "
+                         "stop it and rerun this command to resume") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 def check_data(parser, data: str, preset: str) -> None:
     """--data names an image folder whose listings read, for a preset that trains on one: checked before any
     stage runs, so a typo fails at once instead of after the text and vq stages."""
@@ -473,6 +493,7 @@ def main(argv: list[str] | None = None) -> Path:
         if missing:
             parser.error(f"{flag} {given} has no {missing[0]}: give a stage's export folder, which holds "
                          f"{', '.join(GIVEN_FILES[flag])}")
+    lock = hold_run_lock(out)  # held until this process ends, however it ends
     runner = Runner(out, args.smoke, args.vq, args.text_model, args.superres, args.settings, args.data)
     start = time.perf_counter()
     stages = []

@@ -493,7 +493,6 @@ def main(argv: list[str] | None = None) -> Path:
         if missing:
             parser.error(f"{flag} {given} has no {missing[0]}: give a stage's export folder, which holds "
                          f"{', '.join(GIVEN_FILES[flag])}")
-    lock = hold_run_lock(out)  # held until this process ends, however it ends
     runner = Runner(out, args.smoke, args.vq, args.text_model, args.superres, args.settings, args.data)
     start = time.perf_counter()
     stages = []
@@ -503,6 +502,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             stages.append(stage)
     check_evaluators(parser, runner, stages)
+    runner.lock = hold_run_lock(out)  # after every check, so a refused run creates nothing; held while this process lives
     for number, stage in enumerate(stages):
         runner.run(stage, tuple(stages[number + 1:]))
     bundle, summary_path = runner.out / "bundle", runner.out / "pipeline.json"

@@ -140,7 +140,7 @@ def test_rerun_skips_finished_stages_and_resumes_an_unfinished_one(smoke_run, pi
 
 @pytest.mark.slow
 def test_rerun_with_another_vq_refuses_to_reuse_stages_built_from_the_old_one(smoke_run):
-    result = run_pipeline(smoke_run, "--vq", str(REPO / "checkpoints" / "vq-shapes"))
+    result = run_pipeline(smoke_run, "--vq", str(REPO / "checkpoints" / "mars-shapes" / "vq"))
     assert result.returncode != 0
     message = result.stderr.strip().splitlines()[-1]
     assert "stage codes" in message and "was built from vq=" in message and "--out" in message
@@ -190,6 +190,8 @@ def test_the_bundle_records_how_it_was_made(smoke_run):
     stages = [stage.name for stage in PIPELINE_PRESETS["shapes"]]
     assert list(provenance["stage_seconds"]) == stages + ["tune"]
     assert all(seconds > 0 for seconds in provenance["stage_seconds"].values())
+    summary = json.loads((smoke_run / "pipeline.json").read_text())["stage_seconds"]
+    assert list(summary.items()) == [(name, provenance["stage_seconds"][name]) for name in stages]  # in order
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert [commit.removesuffix("+dirty") for commit in provenance["commit"]] == [head]
     assert provenance["hardware"] == [describe_hardware("cpu")] and "cores of" in provenance["hardware"][0]

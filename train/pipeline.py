@@ -2,7 +2,7 @@
 
     python -m train.pipeline --preset shapes --out runs/shapes            # the full shapes-world recipe
     python -m train.pipeline --preset shapes --smoke                      # tiny, minutes on 2 CPU cores
-    python -m train.pipeline --preset shapes --vq checkpoints/vq-shapes   # reuse a trained VQ tokenizer
+    python -m train.pipeline --preset shapes --vq checkpoints/mars-shapes/vq   # reuse a trained VQ tokenizer
     python -m train.pipeline --preset shapes --superres checkpoints/mars-shapes/superres   # and a super-resolution model
     python -m train.pipeline --preset emoji                               # builds the emoji set, trains on it
     python -m train.pipeline --preset emoji --data DIR --out runs/mine    # the same recipe on your own images
@@ -366,10 +366,14 @@ class Runner:
               f"strict {summary['overall_strict']:.3f} on {summary['n']} validation prompts")
         return pipe.sampling | best | {"top_k": best.get("top_k") or None}
 
+    def done_records(self, order: list[str]) -> dict[str, dict]:
+        """The finished stages' DONE.json records, in `order`."""
+        return {name: json.loads((self.out / name / "DONE.json").read_text()) for name in order
+                if (self.out / name / "DONE.json").is_file()}
+
     def provenance(self, command: str, order: list[str]) -> dict:
         """How the bundle was made, from the stages' DONE.json (in `order`): recorded in its model_index.json."""
-        stages = {name: json.loads((self.out / name / "DONE.json").read_text()) for name in order
-                  if (self.out / name / "DONE.json").is_file()}
+        stages = self.done_records(order)
         records = list(stages.values())
         return {"command": command, "commit": sorted({r.get("commit", "unknown") for r in records}),
                 "hardware": sorted({r.get("hardware", "unknown") for r in records} | {self.hardware}),
@@ -505,7 +509,7 @@ def main(argv: list[str] | None = None) -> Path:
     runner.lock = hold_run_lock(out)  # after every check, so a refused run creates nothing; held while this process lives
     for number, stage in enumerate(stages):
         runner.run(stage, tuple(stages[number + 1:]))
-    bundle, summary_path = runner.out / "bundle", runner.out / "pipeline.json"
+    names, bundle, summary_path = [stage.name for stage in stages], runner.out / "bundle", runner.out / "pipeline.json"
     recorded = json.loads(summary_path.read_text()).get("bundle_inputs") if summary_path.is_file() else None
     parts = runner.bundle_inputs()
     changed = [] if recorded is None else sorted(n for n in {*recorded, *parts} if recorded.get(n) != parts.get(n))
@@ -513,12 +517,10 @@ def main(argv: list[str] | None = None) -> Path:
         if changed and not runner.timings:  # e.g. a new --superres for a finished run
             print(f"[pipeline] bundle: rebuilding ({', '.join(changed)} changed since it was built)")
         command = " ".join(["python -m train.pipeline"] + (argv if argv is not None else sys.argv[1:]))
-        bundle = runner.export_bundle(runner.provenance(command, [stage.name for stage in stages]))
+        bundle = runner.export_bundle(runner.provenance(command, names))
     else:
         print(f"[pipeline] bundle: done ({bundle})")
-    stage_seconds = {path.parent.name: json.loads(path.read_text())["seconds"]
-                     for path in sorted(runner.out.glob("*/DONE.json"))}
-    summary = {"stage_seconds": stage_seconds, "ran_now": sorted(runner.timings),
+    summary = {"stage_seconds": {name: record["seconds"] for name, record in runner.done_records(names).items()}, "ran_now": sorted(runner.timings),
                "seconds": round(time.perf_counter() - start, 1), "bundle": str(bundle),
                "bundle_inputs": parts}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -23,7 +23,7 @@ directory the SR model names).
     python -m benchmarks.superres                  # speed table, one thread, about 20 s
     python -m benchmarks.superres --checkpoint checkpoints/mars-shapes --num-prompts 96
     python -m benchmarks.superres --checkpoint checkpoints/mars-shapes runs/shapes/superres-k1/export runs/shapes/superres-k16/export
-    python -m benchmarks.superres --checkpoint checkpoints/mars-shapes/superres --vq checkpoints/vq-shapes
+    python -m benchmarks.superres --checkpoint checkpoints/mars-shapes/superres --vq checkpoints/mars-shapes/vq
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Encode and decode throughput (images/s) of the VQ tokenizer on CPU at 256 px, in one run.
 
     python -m benchmarks.vq                                    # shipped checkpoint, else the preset
-    python -m benchmarks.vq --checkpoint checkpoints/vq-shapes --batch 16 --repeats 5
+    python -m benchmarks.vq --checkpoint checkpoints/mars-shapes/vq --batch 16 --repeats 5
 
 Speed does not depend on the weights, so without a checkpoint the `shapes-f16` preset (the
 shipped architecture) is timed with random weights.
@@ -32,7 +32,7 @@ def best_rate(fn, batch: int, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/vq-shapes"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("checkpoints/mars-shapes/vq"))
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)

@@ -4,7 +4,7 @@
     python -m mars.eval --images DIR --json   # the same as JSON
     python -m mars.eval --generate --n 300 --lang both [--checkpoint DIR] [--seed S] [--cfg 3] [--no-sr] [--out DIR]
     python -m mars.eval --generate --n 300 --failures failures.png   # and a contact sheet of the failed images
-    python -m mars.eval --vq checkpoints/vq-shapes --n 200 --size 256 --seed 1234   # a VQ tokenizer's round trips
+    python -m mars.eval --vq checkpoints/mars-shapes/vq --n 200 --size 256 --seed 1234   # a VQ tokenizer's round trips
     python -m mars.eval --images GEN --reference REAL   # any images: FID, KID, concept retrieval (mars.metrics)
     python -m mars.eval --generate --checkpoint BUNDLE --reference REAL [--n 300] [--lang en|zh|both] [--cache DIR]
 

@@ -6,7 +6,7 @@
 The bundle is what `MarsPipeline.save_pretrained` writes for a trained model, only small and
 untrained: the real Qwen tokenizer with a VocabMap over every shapes-world evaluation prompt
 (both languages) and scene descriptions, a 2-layer Qwen2 (hidden 64) over that trimmed
-vocabulary, a MarsModel predicting 8 x 8 codes of the shipped VQ tokenizer (checkpoints/vq-shapes:
+vocabulary, a MarsModel predicting 8 x 8 codes of the shipped VQ tokenizer (checkpoints/mars-shapes/vq:
 f = 16, 256 codes, so 128 px base images) and a SuperResModel (k = 4) up to 16 x 16 codes (256 px).
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_VQ = REPO / "checkpoints" / "vq-shapes"
+SHIPPED_VQ = REPO / "checkpoints" / "mars-shapes" / "vq"
 TINY_CONTEXT = 512  # max_position_embeddings: prompts up to 512 - (1 + 64 + 256) = 191 tokens with SR
 
 

@@ -33,13 +33,13 @@ from mars import shapes
 from mars.cli import MAX_SEED
 from mars.pipeline import INDEX_FILE, VERSION, MarsPipeline
 from mars.shapes import render, scene_for_prompt
+from tests.conftest import SHIPPED_VQ
 from train import codes as train_codes
 from train import pipeline as train_pipeline
 from train.__main__ import main as train_main
 from vq.__main__ import main as vq_main
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_VQ = REPO / "checkpoints" / "vq-shapes"
 
 
 # --- helpers ------------------------------------------------------------------------------------

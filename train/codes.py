@@ -40,7 +40,7 @@ caption drawn with rng (seed, p). A resumed run therefore sees exactly the batch
 uninterrupted one would: `CodesDataModule` starts its stream at batch
 `trainer.global_step * accumulate_grad_batches` (see `IndexedBatches`).
 
-    python -m train.codes --vq checkpoints/vq-shapes --out runs/shapes/codes --n 20000 --sizes 128 256
+    python -m train.codes --vq checkpoints/mars-shapes/vq --out runs/shapes/codes --n 20000 --sizes 128 256
     python -m train.codes --captions-only --out runs/shapes/codes   # rewrite a shapes set's captions.jsonl
     python -m train.codes --source webdataset --path "shards/{000..099}.tar" --vq DIR --sizes 256 --out DIR
     python -m train.codes --source folder --path data/emoji/train --held-out data/emoji/test --n 0 --sizes 128 \

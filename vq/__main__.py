@@ -1,7 +1,7 @@
 """VQ tokenizer command line.
 
-    python -m vq reconstruct --checkpoint checkpoints/vq-shapes --images IN --out OUT
-    python -m vq export --ckpt runs/shapes/vq/checkpoints/last.ckpt --out checkpoints/vq-shapes
+    python -m vq reconstruct --checkpoint checkpoints/mars-shapes/vq --images IN --out OUT
+    python -m vq export --ckpt runs/shapes/vq/checkpoints/last.ckpt --out runs/shapes/vq/export
 
 `reconstruct` writes the tokenizer's round trip of every image in IN under the same names (and
 copies IN/captions.jsonl) so `python -m mars.eval --images OUT` can score it, and prints the PSNR.

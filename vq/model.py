@@ -6,7 +6,7 @@ space, k-means initialised, EMA-updated, dead codes replaced by fresh encoder ou
 config alternative. Plain torch: training lives in train/vq.py.
 
     from vq import VQConfig, VQTokenizer
-    tok = VQTokenizer.from_pretrained("checkpoints/vq-shapes")
+    tok = VQTokenizer.from_pretrained("checkpoints/mars-shapes/vq")
     codes = tok.encode(images)          # LongTensor (B, H/16, W/16)
     images = tok.decode(codes)          # (B, 3, H, W) in [-1, 1]
 """

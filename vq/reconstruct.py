@@ -2,7 +2,7 @@
 
     from vq import VQTokenizer
     from vq.reconstruct import reconstruct_folder, codebook_stats
-    result = reconstruct_folder(VQTokenizer.from_pretrained("checkpoints/vq-shapes"), "in/", "out/")
+    result = reconstruct_folder(VQTokenizer.from_pretrained("checkpoints/mars-shapes/vq"), "in/", "out/")
     print(result["psnr"], codebook_stats(torch.bincount(result["codes"], minlength=256)))
 
 `python -m vq reconstruct` is the command line; `python -m mars.eval --vq DIR` scores shapes-world

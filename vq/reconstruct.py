@@ -12,14 +12,13 @@ round trips with it. Tests: `pytest tests/test_vq.py`.
 from __future__ import annotations
 
 import shutil
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from mars.images import load_image
 from vq.model import VQTokenizer, images_to_tensor, tensor_to_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -34,22 +33,6 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_image(path: Path, decode: bool = True) -> Image.Image:
-    """The image at `path` (decoded, or only its header read), or a one-line ValueError naming it. Pillow's
-    DecompressionBombError (a huge image) is no OSError, and its warning below that size would print
-    lines of its own."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if decode:
-                    image.load()
-                return image
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"cannot read image {path}: {reason}") from None
-
-
 def reconstruct_folder(tokenizer: VQTokenizer, images: Path, out: Path, batch_size: int = 16) -> dict:
     """Round-trips every image in `images` into `out` (same names, captions.jsonl copied).
 
@@ -58,14 +41,14 @@ def reconstruct_folder(tokenizer: VQTokenizer, images: Path, out: Path, batch_si
     out = Path(out)
     by_size = defaultdict(list)  # one batch holds one size
     for path in files:  # every header read before anything is written
-        by_size[read_image(path, decode=False).size].append(path)
+        by_size[load_image(path, decode=False).size].append(path)
     out.mkdir(parents=True, exist_ok=True)
     psnrs, codes = [], []
     with tqdm(total=len(files), desc="reconstruct", unit="img") as bar:
         for paths in by_size.values():
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start:start + batch_size]
-                originals = images_to_tensor([read_image(p) for p in chunk])
+                originals = images_to_tensor([load_image(p) for p in chunk])
                 batch_codes = tokenizer.encode(originals)
                 rebuilt = tokenizer.decode(batch_codes).cpu()
                 for path, image in zip(chunk, tensor_to_images(rebuilt)):

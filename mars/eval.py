@@ -7,6 +7,7 @@
     python -m mars.eval --vq checkpoints/mars-shapes/vq --n 200 --size 256 --seed 1234   # a VQ tokenizer's round trips
     python -m mars.eval --images GEN --reference REAL   # any images: FID, KID, concept retrieval (mars.metrics)
     python -m mars.eval --generate --checkpoint BUNDLE --reference REAL [--n 300] [--lang en|zh|both] [--cache DIR]
+    python -m mars.eval --generate --checkpoint BUNDLE --reference REAL --n 64 --sheet sheet.png   # real | EN | ZH
 
 DIR holds the images and captions.jsonl (`file` or `image`, `caption`) or prompts.jsonl (`file`,
 `prompt`), e.g. from `python -m mars.shapes --out DIR` (a generator's own images score 1.0).
@@ -15,7 +16,9 @@ DIR holds the images and captions.jsonl (`file` or `image`, `caption`) or prompt
 `--out DIR` keeps the images and prompts.jsonl, so `--images DIR` rescores them. `--generate --reference
 REAL` evaluates a model trained on a folder of images instead: it samples one image for each of up to N
 captions of REAL's records (a seeded draw; `caption`, `caption_zh` or both by --lang) and reports FID, KID
-and concept retrieval against REAL, for all the images and for each language. `--vq DIR` renders
+and concept retrieval against REAL, for all the images and for each language; `--sheet PNG` also tiles
+each drawn record's real image beside its samples, each labelled with retrieval's verdict (right, or its
+concept's rank and the concept it looks most like), failures included. `--vq DIR` renders
 fresh scenes, round-trips them through the tokenizer and reports how often the scorer's verdict
 survives, PSNR and codebook usage.
 Library use: `evaluate([(prompt, pil_image), ...])` -> report dict; `format_table(report)`.
@@ -44,7 +47,7 @@ from mars.images import labelled_sheet, load_image, read_image_listing, save_ima
 from mars.shapes import (CATEGORIES, LANGS, MAX_IMAGE_SIDE, format_prompt, image_side, parse_prompt, random_spec,
                          score, summarize, write_eval_folder)
 
-SHEET_TILE = 128  # px of one image in a --failures sheet
+SHEET_TILE = 128  # px of one image in a --failures or --sheet sheet
 SHEET_COLUMNS = 6
 
 
@@ -214,6 +217,24 @@ def reference_prompts(items: list, n: int, langs: tuple[str, ...], seed: int) ->
     return rows[:n]
 
 
+def retrieval_sheet(rows: list[dict], images: list[Image.Image], verdicts: list[dict],
+                    items: list) -> Image.Image:
+    """A contact sheet of --generate --reference: for each drawn record, its real image (captioned) then its
+    samples in row order, each labelled with retrieval's verdict. Two records a line of six tiles."""
+    real = {item.path.name: item for item in items}
+    tiles, current = [], None
+    for row, image, verdict in zip(rows, images, verdicts, strict=True):
+        if row["reference_file"] != current:
+            current = row["reference_file"]
+            tiles += [(None, "")] * (-len(tiles) % 3)  # every record starts a group of three tiles
+            tiles.append((load_image(real[current].path), real[current].text))
+        rank, nearest = verdict["rank"], verdict["nearest"].replace("_", " ")
+        label = ("right" if rank == 0 else "concept unknown" if rank is None
+                 else f"rank {rank + 1}; looks like: {nearest}")
+        tiles.append((image, f"{row['lang'].upper()}: {label}"))
+    return labelled_sheet(tiles, SHEET_COLUMNS, SHEET_TILE)
+
+
 def generate_real_report(args: argparse.Namespace) -> dict:
     """--generate --reference: sample captions of the real folder with the model, then FID, KID and retrieval
     against it (mars.metrics.compare_folders), all images and each language apart."""
@@ -221,7 +242,8 @@ def generate_real_report(args: argparse.Namespace) -> dict:
 
     model = InceptionFeatures()  # before any sampling: a missing model file is a one-line error now
     langs = LANGS if args.lang == "both" else (args.lang,)
-    rows = reference_prompts(read_folders(args.reference), args.n, langs, args.seed)
+    items = read_folders(args.reference)
+    rows = reference_prompts(items, args.n, langs, args.seed)
     if not rows:
         raise ValueError(f"--reference {' '.join(map(str, args.reference))} has no caption_zh to sample: "
                          "use --lang en")
@@ -232,10 +254,14 @@ def generate_real_report(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.out if args.out is not None else Path(tmp)
         with tqdm(total=len(prompts), desc="sampling", unit="img", disable=args.json) as bar:
-            write_image_folder(folder, iter_images(pipe, prompts, args.batch_size, args.seed, options, bar), rows)
+            images = write_image_folder(folder, iter_images(pipe, prompts, args.batch_size, args.seed, options, bar),
+                                        rows)
         report = compare_folders(folder, args.reference, args.gallery, batch_size=args.batch_size,
                                  device=args.device, cache_dir=args.cache, progress=not args.json, model=model,
-                                 group_by="lang")
+                                 group_by="lang", per_image=args.sheet is not None)
+    if args.sheet is not None:
+        verdicts = report["retrieval"].pop("per_image")
+        save_image(retrieval_sheet(rows, images, verdicts, items), args.sheet)
     report["generated"].update(folder=str(args.out) if args.out is not None else "not kept (--out DIR keeps them)",
                                checkpoint=str(args.checkpoint or DEFAULT_CHECKPOINT), seed=args.seed)
     return report
@@ -274,12 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     generation.add_argument("--out", type=Path, default=None, help="also save the images and prompts.jsonl here")
     generation.add_argument("--failures", type=Path, default=None, metavar="PNG",
                             help="also write the failed images, tiled with their prompts, to this PNG")
+    generation.add_argument("--sheet", type=Path, default=None, metavar="PNG",
+                            help="with --reference: also tile each record's real image beside its samples, "
+                                 "labelled with retrieval's verdict, into this PNG")
     generation.add_argument("--size", type=image_side, default=256,
                             help=f"--vq: image side in px, 48 to {MAX_IMAGE_SIDE} (default 256)")
     add_sampling_arguments(generation, batch_size=True)
     args = parser.parse_args(argv)
-    if (args.out or args.failures) and not args.generate:
-        parser.error("--out and --failures go with --generate")
+    if (args.out or args.failures or args.sheet) and not args.generate:
+        parser.error("--out, --failures and --sheet go with --generate")
+    if args.sheet and not args.reference:
+        parser.error("--sheet tiles samples beside the real images of --reference REAL: give it, or use --failures")
     if (args.reference or args.gallery or args.cache) and not (args.images or args.generate):
         parser.error("--reference, --gallery and --cache go with --images or --generate")
     if (args.gallery or args.cache) and not args.reference:
@@ -289,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the outputs, before the model loads
         if args.out is not None:
             check_image_folder(args.out, "--out")
-        if args.failures is not None:
-            check_output_file(args.failures, "--failures")
+        for flag, path in (("--failures", args.failures), ("--sheet", args.sheet)):
+            if path is not None:
+                check_output_file(path, flag)
     except ValueError as error:
         parser.error(str(error))
     return run(args)

@@ -340,14 +340,18 @@ def _unit_rows(x: np.ndarray) -> torch.Tensor:
 
 
 def retrieval(query: np.ndarray, query_keys: list[Keys], gallery: np.ndarray, gallery_keys: list[Keys],
-              exclude: list[int | None] | None = None, top_k: tuple[int, ...] = TOP_K, chunk: int = 256) -> dict:
+              exclude: list[int | None] | None = None, top_k: tuple[int, ...] = TOP_K, chunk: int = 256,
+              per_query: bool = False) -> dict:
     """Concept retrieval by cosine similarity: for each query with a known concept, the gallery's concepts
     ranked by their nearest image; top-k accuracy (a concept the gallery lacks counts as a miss).
     `exclude[i]`: a gallery index query i may not match (itself, for leave-one-out).
 
     tone_top1: of the queries with a tone that the gallery holds for their concept beside another tone,
     the share whose nearest image of that concept has the tone. style_top1: of the queries with a style
-    (the gallery holding two or more), the share whose nearest gallery image has that style."""
+    (the gallery holding two or more), the share whose nearest gallery image has that style.
+    per_query=True adds "per_query": for each query {"rank": its concept's place among the gallery's
+    concepts (0: the nearest; None when the concept is unknown or not in the gallery), "nearest": the
+    nearest concept}, e.g. to label a contact sheet."""
     names = sorted({k.concept for k in gallery_keys})
     column = {c: j for j, c in enumerate(names)}
     owner = torch.tensor([column[k.concept] for k in gallery_keys])
@@ -357,6 +361,7 @@ def retrieval(query: np.ndarray, query_keys: list[Keys], gallery: np.ndarray, ga
     g = _unit_rows(gallery)
     hits = {k: 0 for k in top_k}
     counted = unknown = tone_hits = tone_n = style_hits = style_n = 0
+    ranks: list[dict] = []
     for start in range(0, len(query), chunk):
         sims = _unit_rows(query[start:start + chunk]) @ g.T  # (B, M)
         for r in range(sims.shape[0]):
@@ -365,6 +370,11 @@ def retrieval(query: np.ndarray, query_keys: list[Keys], gallery: np.ndarray, ga
             if exclude is not None and exclude[i] is not None:
                 s = s.clone()
                 s[exclude[i]] = -2.0
+            best = torch.full((len(names),), -3.0).scatter_reduce(0, owner, s, reduce="amax")  # (concepts,)
+            known = keys.concept is not None and keys.concept in column
+            rank = int((best > best[column[keys.concept]]).sum()) if known else None
+            if per_query:
+                ranks.append({"rank": rank, "nearest": names[int(best.argmax())]})
             if keys.style and several_styles:
                 style_n += 1
                 style_hits += g_styles[int(s.argmax())] == keys.style
@@ -372,10 +382,8 @@ def retrieval(query: np.ndarray, query_keys: list[Keys], gallery: np.ndarray, ga
                 unknown += 1
                 continue
             counted += 1
-            if keys.concept not in column:
+            if not known:
                 continue
-            best = torch.full((len(names),), -3.0).scatter_reduce(0, owner, s, reduce="amax")
-            rank = int((best > best[column[keys.concept]]).sum())
             for k in top_k:
                 hits[k] += rank < k
             if keys.tone:
@@ -388,6 +396,8 @@ def retrieval(query: np.ndarray, query_keys: list[Keys], gallery: np.ndarray, ga
     out.update(n=counted, unknown_concept=unknown, gallery_images=len(gallery_keys), gallery_concepts=len(names),
                tone_top1=(tone_hits / tone_n if tone_n else None), tone_n=tone_n,
                style_top1=(style_hits / style_n if style_n else None), style_n=style_n)
+    if per_query:
+        out["per_query"] = ranks
     return out
 
 
@@ -409,7 +419,8 @@ def compare_folders(generated_dir: str | Path, reference_dir, gallery_dir=None,
                     generated_where: dict | None = None, reference_where: dict | None = None,
                     gallery_where: dict | None = None, batch_size: int = 32, device=None,
                     cache_dir: Path | None = None, kid_subset_size: int = KID_SUBSET, progress: bool = True,
-                    model: InceptionFeatures | None = None, group_by: str | None = None) -> dict:
+                    model: InceptionFeatures | None = None, group_by: str | None = None,
+                    per_image: bool = False) -> dict:
     """FID, KID and concept retrieval of the images in `generated_dir` against the real ones in `reference_dir`.
 
     Every folder holds captions.jsonl or prompts.jsonl; `reference_dir` and `gallery_dir` may be lists of
@@ -417,7 +428,9 @@ def compare_folders(generated_dir: str | Path, reference_dir, gallery_dir=None,
     D/test], while FID compares with a data set's test split; `*_where` keep the records whose fields
     have those values (e.g. {"style": "noto"}). `cache_dir` keeps reference and gallery features between
     calls. `group_by` (a generated record field, e.g. "lang") also scores the generated images of each of its
-    values apart, under "by_<field>": {value: {"images", "fid", "kid_mean", ..., "retrieval"}}.
+    values apart, under "by_<field>": {value: {"images", "fid", "kid_mean", ..., "retrieval"}}. `per_image`
+    adds retrieval's verdict on each generated image: "retrieval": {..., "per_image": [{"file", "rank",
+    "nearest"}]} (see `retrieval`).
     Returns {"fid", "kid_mean", "kid_std", "kid_subset_size", "retrieval": {...}, "generated": {...},
     "reference": {...}, ["gallery": {...}], ["by_<field>": {...}], "feature_model"}."""
     model = model or InceptionFeatures()
@@ -436,7 +449,10 @@ def compare_folders(generated_dir: str | Path, reference_dir, gallery_dir=None,
         gallery = read_folders(gallery_dir, gallery_where)
         g_features = extract_features([i.path for i in gallery], cache_dir=cache_dir, desc="gallery", **options)
     fake_keys, g_keys = concepts_of(generated, gallery), [keys_of(i) for i in gallery]
-    out["retrieval"] = retrieval(fake, fake_keys, g_features, g_keys)
+    out["retrieval"] = retrieval(fake, fake_keys, g_features, g_keys, per_query=per_image)
+    if per_image:
+        out["retrieval"]["per_image"] = [{"file": item.path.name, **verdict} for item, verdict
+                                         in zip(generated, out["retrieval"].pop("per_query"), strict=True)]
     if group_by:
         groups: dict[str, list[int]] = {}
         for j, item in enumerate(generated):

@@ -202,7 +202,7 @@ def test_eval_images_refuses_huge_and_odd_images_in_one_line(capsys, tmp_path):
                                         "empty folder"),
     (["--generate", "--failures", "sheet.txt"], "--failures sheet.txt: name an image file"),
     (["--generate", "--failures", "notes.png"], "--failures notes.png exists and is not an image"),
-    (["--images", "shapes", "--out", "again"], "--out and --failures go with --generate"),
+    (["--images", "shapes", "--out", "again"], "--out, --failures and --sheet go with --generate"),
     (["--generate", "--seed", str(2**64)], "argument --seed: 18446744073709551616 is out of range"),
     (["--generate", "--cfg", "0"], "argument --cfg: 0 is out of range: use a value >= 1"),
     (["--generate", "--batch-size", "0"], "argument --batch-size: 0 is out of range: use an integer >= 1"),

@@ -87,6 +87,17 @@ def test_retrieval_ranks_concepts_by_their_nearest_image():
     assert M.retrieval(q, [M.Keys("a")], gallery, keys, exclude=[0])["top1"] == 0.0
 
 
+def test_retrieval_gives_each_query_its_rank_and_nearest_concept():
+    gallery = np.eye(4, dtype=np.float32)
+    keys = [M.Keys(c) for c in ("a", "a", "b", "c")]
+    q = np.array([[0.9, 0, 0, 0], [0.5, 0, 1, 0.7], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=np.float32)
+    r = M.retrieval(q, [M.Keys("a"), M.Keys("a"), M.Keys("zzz"), M.Keys(None)], gallery, keys, per_query=True)
+    assert r["per_query"] == [{"rank": 0, "nearest": "a"}, {"rank": 2, "nearest": "b"},
+                              {"rank": None, "nearest": "c"}, {"rank": None, "nearest": "b"}]
+    assert r["top1"] == 1 / 3 and r["n"] == 3  # the same verdicts as the summary
+    assert "per_query" not in M.retrieval(q, [M.Keys("a")] * 4, gallery, keys)
+
+
 def test_prompts_find_their_concept_by_caption_or_name(tmp_path):
     records = [{"file": "a.png", "caption": "red apple, flat outline style", "caption_zh": "红苹果，扁平描边风格",
                 "name": "red apple", "name_zh": "红苹果", "concept": "red_apple", "skin_tone": [], "style": "openmoji"},

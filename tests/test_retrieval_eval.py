@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import train.callbacks as callbacks
 from mars import emoji as E
@@ -233,8 +234,12 @@ def test_the_clock_counts_training_time_only_and_fires_every_n_minutes(monkeypat
 def test_one_command_evaluates_a_folder_trained_bundle(world, tmp_path, capsys):
     common = ["--generate", "--checkpoint", str(world["bundle"]), "--reference", str(world["train"]),
               "--device", "cpu", "--batch-size", "8", "--cache", str(tmp_path / "cache"), "--json"]
-    assert mars_eval.main([*common, "--n", "6", "--out", str(tmp_path / "gen")]) == 0
+    sheet = tmp_path / "sheet.png"
+    assert mars_eval.main([*common, "--n", "6", "--out", str(tmp_path / "gen"), "--sheet", str(sheet)]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert "per_image" not in report["retrieval"]
+    # Three records, each its real image then its English and Chinese samples: 9 tiles, 2 lines of 6.
+    assert Image.open(sheet).size == (6 * mars_eval.SHEET_TILE, 2 * (mars_eval.SHEET_TILE + 26))
     assert report["retrieval"]["n"] == 6 and report["retrieval"]["unknown_concept"] == 0
     assert report["fid"] >= 0 and report["kid_mean"] is not None
     assert report["reference"]["images"] == len(M.read_folder(world["train"]))
@@ -270,4 +275,8 @@ def test_generate_with_a_reference_refuses_shapes_only_flags_in_one_line(tmp_pat
     assert "--failures tiles the images the shapes scorer failed" in refused(
         "--generate", "--reference", str(tmp_path), "--failures", str(tmp_path / "f.png"))
     assert "--gallery and --cache go with --reference" in refused("--generate", "--cache", str(tmp_path))
+    assert "--sheet tiles samples beside the real images of --reference REAL" in refused(
+        "--generate", "--sheet", str(tmp_path / "s.png"))
+    assert "--out, --failures and --sheet go with --generate" in refused(
+        "--images", str(tmp_path), "--reference", str(tmp_path), "--sheet", str(tmp_path / "s.png"))
     assert "go with --images or --generate" in refused("--vq", str(SHIPPED_VQ), "--reference", str(tmp_path))

@@ -60,7 +60,8 @@ class MarsConfig(JsonConfig):
     # Image codes rotate by their row and column (RoPE frequencies alternating between the two) counted
     # from the image's first position, instead of by their raster position: attention between two codes
     # then depends on their 2-D offset (as LlamaGen does), and text keeps Qwen's 1-D RoPE unchanged.
-    # The base stage only: super-resolution (mars.superres) places its codes itself.
+    # The base stage only: super-resolution (mars.superres) places its codes itself. Off by default: on the
+    # shapes world it measured no better than 1-D positions and 4 % slower (docs/experiments.md).
     image_rope_2d: bool = False
     text_model: str | None = None  # local Qwen directory (HF format); None: built from text_config
     text_config: dict | None = None  # Qwen config fields incl. "model_type" (qwen2 / qwen3)

@@ -370,8 +370,9 @@ def retrieval(query: np.ndarray, query_keys: list[Keys], gallery: np.ndarray, ga
             if exclude is not None and exclude[i] is not None:
                 s = s.clone()
                 s[exclude[i]] = -2.0
-            best = torch.full((len(names),), -3.0).scatter_reduce(0, owner, s, reduce="amax")  # (concepts,)
             known = keys.concept is not None and keys.concept in column
+            if known or per_query:  # each concept's nearest image (concepts,)
+                best = torch.full((len(names),), -3.0).scatter_reduce(0, owner, s, reduce="amax")
             rank = int((best > best[column[keys.concept]]).sum()) if known else None
             if per_query:
                 ranks.append({"rank": rank, "nearest": names[int(best.argmax())]})

@@ -520,7 +520,8 @@ def main(argv: list[str] | None = None) -> Path:
         bundle = runner.export_bundle(runner.provenance(command, names))
     else:
         print(f"[pipeline] bundle: done ({bundle})")
-    summary = {"stage_seconds": {name: record["seconds"] for name, record in runner.done_records(names).items()}, "ran_now": sorted(runner.timings),
+    stage_seconds = {name: record["seconds"] for name, record in runner.done_records(names).items()}
+    summary = {"stage_seconds": stage_seconds, "ran_now": sorted(runner.timings),
                "seconds": round(time.perf_counter() - start, 1), "bundle": str(bundle),
                "bundle_inputs": parts}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from train.__main__ import main as train_main
 from train.modules import warmup_cosine
-from train.vq import MixedSizeBatches, MixedSizeShapes, VQLitModule
+from train.vq import MixedSizeBatches, MixedSizeImages, VQLitModule
 from vq.reconstruct import codebook_stats
 from vq import VQConfig, VQTokenizer, images_to_tensor, tensor_to_images
 from mars.eval import evaluate_tokenizer
@@ -108,6 +108,17 @@ def test_gradients_reach_encoder_and_decoder_through_the_quantizer():
                          ("project_in", tok.quantizer.vq.project_in)]:
         grad = next(module.parameters()).grad
         assert grad is not None and grad.abs().sum() > 0, f"no gradient reached the {name}"
+
+
+def test_codes_are_chosen_in_float32_under_bf16_training():
+    tok = tiny(kmeans_init=False).train()
+    x = images(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = tok.encoder(x)
+        _, q = tok.quantize(x, freeze_codebook=True)
+    assert z.dtype == torch.bfloat16 and q.latents.dtype == torch.float32
+    expected = tok.quantizer(z.float().flatten(2).transpose(1, 2), freeze_codebook=True)  # (B, h*w, D) in float32
+    assert torch.equal(q.codes.flatten(1), expected.codes)
 
 
 def test_fsq_config():
@@ -220,6 +231,29 @@ def test_mixed_size_batches_resume_with_the_uninterrupted_batches():
     assert all(not torch.equal(a, b) for i, a in enumerate(images) for b in images[i + 2::2])  # no repeats
 
 
+def image_folder(root, n: int) -> str:
+    """n distinct 40-px images listed in root/captions.jsonl."""
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (40, 40), (20 * i, 255 - 20 * i, 128)).save(root / f"{i}.png")
+    (root / "captions.jsonl").write_text("".join(json.dumps({"file": f"{i}.png", "caption": f"colour {i}"}) + "\n"
+                                                 for i in range(n)))
+    return str(root)
+
+
+def test_folder_batches_show_every_image_once_a_pass_at_each_size(tmp_path):
+    data = MixedSizeBatches((32, 16), (2, 3), batches=4, seed=0, folder=image_folder(tmp_path / "f", 6))
+    batches = list(data)  # sizes alternate: 2 images at 32 px, then 3 at 16 px
+    assert [tuple(b["image"].shape) for b in batches] == [(2, 3, 32, 32), (3, 3, 16, 16)] * 2
+    big = [c for b in batches[0::2] for c in b["caption"]]
+    small = [c for b in batches[1::2] for c in b["caption"]]
+    assert len(set(big)) == 4 and sorted(small) == sorted(f"colour {i}" for i in range(6))  # one pass: no repeats
+    again = MixedSizeBatches((32, 16), (2, 3), batches=4, seed=0, folder=str(tmp_path / "f"))
+    again.start_batch = 2  # a resumed run: the same batches from there on
+    assert [b["caption"] for b in again] == [b["caption"] for b in batches[2:]]
+    assert torch.equal(next(iter(again))["image"], batches[2]["image"])
+
+
 class BatchRecorder(L.Callback):
     def __init__(self):
         self.images = {}
@@ -232,7 +266,7 @@ def fit_tiny_vq(checkpoints, max_steps, ckpt_path=None) -> dict[int, torch.Tenso
     """A tiny VQ run (3 batches an epoch, a checkpoint every 2 steps) -> the images of each step."""
     L.seed_everything(0)
     module = VQLitModule(VQConfig.from_name("tiny"), VQLossConfig(), warmup_steps=1, val_verdicts=False)
-    data = MixedSizeShapes(sizes=(32, 64), batch_sizes=(2, 1), batches_per_epoch=3, val_batches=1)
+    data = MixedSizeImages(sizes=(32, 64), batch_sizes=(2, 1), batches_per_epoch=3, val_batches=1)
     recorder = BatchRecorder()
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=2, save_top_k=-1)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, callbacks=[checkpoint, recorder],
@@ -264,7 +298,7 @@ def test_tiny_lightning_fit_exports_a_tokenizer(tmp_path):
     loss = VQLossConfig(edge_weight=2.0, gan_weight=0.5, gan_start_step=2, disc_channels=8, disc_layers=2)
     module = VQLitModule(VQConfig.from_name("tiny", kmeans_init=True), loss, warmup_steps=2,
                          export_dir=str(tmp_path / "tokenizer"))
-    data = MixedSizeShapes(sizes=(32, 64), batch_sizes=(4, 1), batches_per_epoch=2, val_batches=2, num_workers=0)
+    data = MixedSizeImages(sizes=(32, 64), batch_sizes=(4, 1), batches_per_epoch=2, val_batches=2, num_workers=0)
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=L.pytorch.loggers.CSVLogger(tmp_path),
                         callbacks=[checkpoint], enable_progress_bar=False, enable_model_summary=False,
@@ -288,7 +322,7 @@ def test_tiny_lightning_fit_exports_a_tokenizer(tmp_path):
 
 def test_shipped_yaml_builds_an_f16_tokenizer():
     cli = train_main(["--config", "train/configs/shapes_vq.yaml", "--trainer.logger", "false"], run=False)
-    assert isinstance(cli.model, VQLitModule) and isinstance(cli.datamodule, MixedSizeShapes)
+    assert isinstance(cli.model, VQLitModule) and isinstance(cli.datamodule, MixedSizeImages)
     assert cli.model.vq_config == VQConfig.from_name("shapes-f16")  # the preset names what the YAML trains
     assert cli.model.tokenizer.downsample == 16
     assert cli.datamodule.hparams.sizes == [128, 256]
@@ -305,6 +339,13 @@ def test_reconstruct_cli_and_tokenizer_evaluation(tmp_path, capsys):
     vq_main(["reconstruct", "--checkpoint", str(tmp_path / "tok"), "--images", str(source), "--out", str(tmp_path / "out")])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "captions.jsonl"]
     assert Image.open(tmp_path / "out" / "a.png").size == (32, 32)
+    vq_main(["reconstruct", "--checkpoint", str(tmp_path / "tok"), "--images", str(source), "--out",
+             str(tmp_path / "small"), "--size", "16"])  # the size a model trains at
+    assert Image.open(tmp_path / "small" / "b.png").size == (16, 16)
+    with pytest.raises(SystemExit):
+        vq_main(["reconstruct", "--checkpoint", str(tmp_path / "tok"), "--images", str(source), "--out", "x",
+                 "--size", "18"])
+    assert "not a multiple of the tokenizer's downsampling f = 4" in capsys.readouterr().err
     figures = evaluate_tokenizer(tok, n=6, size=64, seed=0, progress=False)
     assert figures["n"] == 6 and 0 <= figures["agreement"] <= 1 and 0 < figures["codebook_usage"] <= 1
     assert figures["originals_passed"] == 1.0  # every evaluation image passes its own prompt

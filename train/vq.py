@@ -1,25 +1,27 @@
-"""Lightning training of the VQ tokenizer (vq/) on shapes-world images at mixed sizes, or on an image folder.
+"""Lightning training of the VQ tokenizer (vq/) on images at mixed sizes: shapes-world scenes or an image folder.
 
     python -m train fit --config train/configs/shapes_vq.yaml
-    python -m train fit --config train/configs/emoji_vq.yaml    # a folder: train.data.ImageTextDataModule
+    python -m train fit --config train/configs/emoji_vq.yaml    # a folder (path: its train/, val_path: its test/)
 
-An image folder (captions.jsonl; the emoji set, or your own) comes through train.data.ImageTextDataModule
-with source "folder": its train/ images train, its test/ images validate, and `val_verdicts: false` (the
-shapes scorer's verdicts mean nothing there).
+An image folder (captions.jsonl; the emoji set, or your own) is read at every size the tokenizer will
+encode (the base model's and super-resolution's), each resized from the file as code extraction does;
+`val_verdicts: false` there (the shapes scorer's verdicts mean nothing for other images).
 
 `VQLitModule`: L1 + L2 (edge-weighted) reconstruction, commitment, optional LPIPS (local weights
 only) and a PatchGAN discriminator after a warm-up step, under manual optimisation. Logs PSNR and
 SSIM per image size, scorer verdict agreement on the validation images, and codebook usage and
 perplexity every epoch; exports the tokenizer with save_pretrained at the end of fit.
-`MixedSizeShapes`: batches that alternate image sizes, each with the same number of pixels; batch g
-of a run depends only on g, so a resumed run (python -m train's auto-resume) sees the same data.
+`MixedSizeImages`: batches that alternate image sizes; batch g of a run depends only on g, so a resumed
+run (python -m train's auto-resume) sees the same data.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchmetrics import MetricCollection
@@ -27,7 +29,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from mars.eval import verdicts_agree
 from train.codes import resume_batch
-from train.data import ShapesWorldDataset, collate_captions, distributed_rank
+from train.data import ImageCaptionFolder, ShapesWorldDataset, collate_captions, distributed_rank
 from train.modules import warmup_cosine
 from vq.losses import LPIPS, PatchDiscriminator, VQLossConfig, adaptive_gan_weight, hinge_discriminator_loss, \
     reconstruction_loss
@@ -36,34 +38,51 @@ from vq.reconstruct import codebook_stats
 
 
 class MixedSizeBatches(IterableDataset):
-    """Whole batches of shapes-world images; global batch g has sizes[g % len(sizes)] and batch_sizes[...].
+    """Whole batches of images; global batch g has sizes[g % len(sizes)] and batch_sizes[...]: shapes-world
+    scenes, or the images of `folder` (its captions.jsonl), each resized from its file.
 
-    Batch g is a pure function of (seed, g, rank): every batch of a run shows new scenes, and
-    DataLoader workers and DDP ranks share the work without overlap. An epoch is `batches`
-    consecutive global batches; iteration starts at `start_batch` (set from the restored global
-    step, see MixedSizeShapes) and ends with that batch's epoch, so a resumed run, even one killed
-    mid-epoch, sees exactly the batches an uninterrupted one would."""
+    Batch g is a pure function of (seed, g, rank): shapes batches show new scenes every time, a folder's
+    show every image once a pass over it, in an order drawn for that pass; DataLoader workers and DDP
+    ranks share the work without overlap. An epoch is `batches` consecutive global batches; iteration
+    starts at `start_batch` (set from the restored global step, see MixedSizeImages) and ends with that
+    batch's epoch, so a resumed run, even one killed mid-epoch, sees exactly the batches an uninterrupted
+    one would."""
 
     start_batch = 0
 
-    def __init__(self, sizes: tuple[int, ...], batch_sizes: tuple[int, ...], batches: int, seed: int):
+    def __init__(self, sizes: tuple[int, ...], batch_sizes: tuple[int, ...], batches: int, seed: int,
+                 folder: str | Path | None = None):
         if len(sizes) != len(batch_sizes):
             raise ValueError(f"sizes {sizes} and batch_sizes {batch_sizes} need one entry each")
         if batches < 1:
             raise ValueError(f"batches={batches}: an epoch needs at least one batch")
-        self.batch_sizes, self.batches = batch_sizes, batches
-        self.sources = [ShapesWorldDataset(size, None, seed * 1000 + j, lang="both", captions="category")
-                        for j, size in enumerate(sizes)]
+        self.batch_sizes, self.batches, self.seed = batch_sizes, batches, seed
+        if folder is None:
+            self.sources = [ShapesWorldDataset(size, None, seed * 1000 + j, lang="both", captions="category")
+                            for j, size in enumerate(sizes)]
+        else:
+            self.sources = [ImageCaptionFolder(folder, size, lang="en") for size in sizes]  # one item an image
+        self._order: tuple[tuple[int, int], np.ndarray] | None = None  # the last (size, pass) order drawn
 
     def __len__(self) -> int:
         return self.batches
+
+    def item(self, j: int, p: int) -> dict:
+        """Item p of size j's stream: scene p, or a folder's image at place p % n of pass p // n."""
+        source = self.sources[j]
+        if isinstance(source, ImageCaptionFolder):
+            key = (j, p // len(source))
+            if self._order is None or self._order[0] != key:
+                self._order = key, np.random.default_rng([self.seed, *key]).permutation(len(source))
+            p = int(self._order[1][p % len(source)])
+        return source[p]
 
     def make_batch(self, g: int, rank: int = 0, world: int = 1) -> dict:
         """Global batch g: rank `rank` of `world` builds its own rows of it."""
         j = g % len(self.sources)
         size = self.batch_sizes[j]
         first = ((g // len(self.sources)) * world + rank) * size
-        return collate_captions([self.sources[j][i] for i in range(first, first + size)])
+        return collate_captions([self.item(j, p) for p in range(first, first + size)])
 
     def __iter__(self):
         rank, world = distributed_rank(None, None)
@@ -74,18 +93,21 @@ class MixedSizeBatches(IterableDataset):
             yield self.make_batch(g, rank, world)
 
 
-class MixedSizeShapes(L.LightningDataModule):
-    """Shapes-world batches alternating between sizes (default 128 and 256 px, equal pixels a batch)."""
+class MixedSizeImages(L.LightningDataModule):
+    """Batches alternating between sizes (default 128 and 256 px; equal pixels a batch keeps steps even):
+    shapes-world scenes, or with `path` an image folder (captions.jsonl) whose images are read at each
+    size, validated on `val_path` (or on `path` in another order)."""
 
     def __init__(self, sizes: tuple[int, ...] = (128, 256), batch_sizes: tuple[int, ...] = (16, 4),
-                 batches_per_epoch: int = 200, val_batches: int = 4, num_workers: int = 0, seed: int = 0):
+                 batches_per_epoch: int = 200, val_batches: int = 4, num_workers: int = 0, seed: int = 0,
+                 path: str | None = None, val_path: str | None = None):
         super().__init__()
         self.save_hyperparameters()
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        self.train_set = MixedSizeBatches(h.sizes, h.batch_sizes, h.batches_per_epoch, h.seed)
-        self.val_set = MixedSizeBatches(h.sizes, h.batch_sizes, h.val_batches, h.seed + 1)
+        self.train_set = MixedSizeBatches(h.sizes, h.batch_sizes, h.batches_per_epoch, h.seed, h.path)
+        self.val_set = MixedSizeBatches(h.sizes, h.batch_sizes, h.val_batches, h.seed + 1, h.val_path or h.path)
 
     def _loader(self, dataset: MixedSizeBatches) -> DataLoader:
         workers = self.hparams.num_workers

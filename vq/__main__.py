@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     rec.add_argument("--images", type=Path, required=True, help="input folder (captions.jsonl is copied)")
     rec.add_argument("--out", type=Path, required=True, help="output folder")
     rec.add_argument("--batch-size", type=positive_int, default=16)
+    rec.add_argument("--size", type=positive_int, help="bring each image to this square size first, as code "
+                     "extraction does (default: each image at its own size)")
     ex = commands.add_parser("export", help="Lightning checkpoint -> save_pretrained directory")
     ex.add_argument("--ckpt", type=Path, required=True)
     ex.add_argument("--out", type=Path, required=True)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"exported {args.ckpt} -> {args.out} (f={tokenizer.downsample}, {tokenizer.codebook_size} codes)")
             return
         tokenizer = VQTokenizer.from_pretrained(args.checkpoint)
-        result = reconstruct_folder(tokenizer, args.images, args.out, args.batch_size)
+        result = reconstruct_folder(tokenizer, args.images, args.out, args.batch_size, args.size)
         print(f"wrote {result['files']} reconstructions to {args.out} (PSNR {result['psnr']:.2f} dB)")
     except (ValueError, OSError) as error:
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)

@@ -229,7 +229,9 @@ class VQTokenizer(nn.Module):
     def quantize(self, images, freeze_codebook: bool = False) -> tuple[torch.Tensor, Quantized]:
         z = self.encoder(images)  # (B, D, h, w)
         h = z.shape[-2]
-        q = self.quantizer(rearrange(z, "b d h w -> b (h w) d"), freeze_codebook=freeze_codebook)
+        # Code choice and the EMA codebook update in float32 under bf16 training: bf16 cosines flip near-ties.
+        with torch.autocast(z.device.type, enabled=False):
+            q = self.quantizer(rearrange(z.float(), "b d h w -> b (h w) d"), freeze_codebook=freeze_codebook)
         latents = rearrange(q.latents, "b (h w) d -> b d h w", h=h)
         return latents, q._replace(codes=rearrange(q.codes, "b (h w) -> b h w", h=h))
 

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from mars.images import load_image
@@ -33,22 +34,30 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def reconstruct_folder(tokenizer: VQTokenizer, images: Path, out: Path, batch_size: int = 16) -> dict:
-    """Round-trips every image in `images` into `out` (same names, captions.jsonl copied).
+def reconstruct_folder(tokenizer: VQTokenizer, images: Path, out: Path, batch_size: int = 16,
+                       size: int | None = None) -> dict:
+    """Round-trips every image in `images` into `out` (same names, captions.jsonl copied); with `size`, each
+    image is first brought to size x size (shorter side, centre crop, bicubic: what code extraction does).
 
-    Returns {"files", "psnr", "codes"}: mean PSNR (dB) and the flat LongTensor of all codes used."""
+    Returns {"files", "psnr", "codes"}: mean PSNR (dB) against the (resized) inputs and the flat LongTensor
+    of all codes used."""
     files = image_files(Path(images))
+    if size is not None and size % tokenizer.downsample:
+        raise ValueError(f"size {size} is not a multiple of the tokenizer's downsampling f = {tokenizer.downsample}")
     out = Path(out)
     by_size = defaultdict(list)  # one batch holds one size
     for path in files:  # every header read before anything is written
-        by_size[load_image(path, decode=False).size].append(path)
+        by_size[size or load_image(path, decode=False).size].append(path)
     out.mkdir(parents=True, exist_ok=True)
     psnrs, codes = [], []
     with tqdm(total=len(files), desc="reconstruct", unit="img") as bar:
         for paths in by_size.values():
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start:start + batch_size]
-                originals = images_to_tensor([load_image(p) for p in chunk])
+                loaded = [load_image(p) for p in chunk]
+                if size is not None:
+                    loaded = [ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC) for im in loaded]
+                originals = images_to_tensor(loaded)
                 batch_codes = tokenizer.encode(originals)
                 rebuilt = tokenizer.decode(batch_codes).cpu()
                 for path, image in zip(chunk, tensor_to_images(rebuilt)):

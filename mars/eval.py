@@ -203,7 +203,7 @@ def generate_report(args: argparse.Namespace) -> dict:
 def reference_prompts(items: list, n: int, langs: tuple[str, ...], seed: int) -> list[dict]:
     """Up to n prompts from the records of a real folder (mars.metrics.Item): records in an order drawn with
     `seed`, each giving its `caption` for "en" and its `caption_zh` for "zh" (where it has one), with the
-    fields retrieval checks (concept, style, skin_tone) and the real image's file name."""
+    fields retrieval checks (concept, style, skin_tone) and the real image's path (`reference_file`)."""
     rows = []
     for j in np.random.default_rng(seed).permutation(len(items)).tolist():
         item = items[j]
@@ -211,7 +211,7 @@ def reference_prompts(items: list, n: int, langs: tuple[str, ...], seed: int) ->
         for lang in langs:
             text = item.text if lang == "en" else item.record.get("caption_zh")
             if isinstance(text, str) and text.strip():
-                rows.append({"prompt": text, "lang": lang, **kept, "reference_file": item.path.name})
+                rows.append({"prompt": text, "lang": lang, **kept, "reference_file": str(item.path)})
         if len(rows) >= n:
             break
     return rows[:n]
@@ -221,7 +221,7 @@ def retrieval_sheet(rows: list[dict], images: list[Image.Image], verdicts: list[
                     items: list) -> Image.Image:
     """A contact sheet of --generate --reference: for each drawn record, its real image (captioned) then its
     samples in row order, each labelled with retrieval's verdict. Two records a line of six tiles."""
-    real = {item.path.name: item for item in items}
+    real = {str(item.path): item for item in items}  # by path: two --reference folders may share file names
     tiles, current = [], None
     for row, image, verdict in zip(rows, images, verdicts, strict=True):
         if row["reference_file"] != current:

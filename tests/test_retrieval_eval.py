@@ -248,7 +248,7 @@ def test_one_command_evaluates_a_folder_trained_bundle(world, tmp_path, capsys):
         assert 0.0 <= part["retrieval"]["top1"] <= part["retrieval"]["top5"] <= 1.0
     # Three records drawn by the seed, each in English and Chinese, with what retrieval checks.
     written = [json.loads(line) for line in (tmp_path / "gen" / "prompts.jsonl").read_text().splitlines()]
-    records = {item.path.name: item.record for item in M.read_folder(world["train"])}
+    records = {str(item.path): item.record for item in M.read_folder(world["train"])}
     for row in written:
         record = records[row["reference_file"]]
         assert row["prompt"] == record["caption" if row["lang"] == "en" else "caption_zh"]

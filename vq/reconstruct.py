@@ -47,7 +47,8 @@ def reconstruct_folder(tokenizer: VQTokenizer, images: Path, out: Path, batch_si
     out = Path(out)
     by_size = defaultdict(list)  # one batch holds one size
     for path in files:  # every header read before anything is written
-        by_size[size or load_image(path, decode=False).size].append(path)
+        own = load_image(path, decode=False).size
+        by_size[(size, size) if size else own].append(path)
     out.mkdir(parents=True, exist_ok=True)
     psnrs, codes = [], []
     with tqdm(total=len(files), desc="reconstruct", unit="img") as bar:

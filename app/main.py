@@ -109,6 +109,8 @@ def model_picker() -> str:
     bundles = shipped_bundles()
     if "model" not in st.session_state:
         start = st.session_state.checkpoint
+        # an absolute path to a shipped bundle is that bundle: the list shows its name, not "another folder"
+        start = next((b for b in bundles if (REPO / b).resolve() == Path(resolve_checkpoint(start))), start)
         st.session_state.model = start if start in bundles else OTHER_MODEL
         st.session_state.checkpoint_text = start
     choice = st.selectbox("Model", bundles + [OTHER_MODEL], key="model",

@@ -151,9 +151,10 @@ def test_the_model_picker_lists_the_shipped_bundles_and_takes_another_folder(mon
     assert at.text_input(key="checkpoint_text").value == str(tiny_bundle) and not at.error
     at.text_input(key="checkpoint_text").set_value(str(tiny_bundle / "missing")).run()
     assert "Cannot load the model" in at.error[0].value and at.session_state.checkpoint == str(tiny_bundle / "missing")
-    monkeypatch.setenv("MARS_CHECKPOINT", shipped[0])
-    at = AppTest.from_file(APP, default_timeout=60).run()  # a shipped bundle: chosen in the list, no text box
-    assert at.selectbox[0].value == shipped[0] and len(at.text_input) == 0 and not at.error
+    for named in (shipped[0], str(REPO / shipped[0])):  # a shipped bundle, relative or absolute: chosen in the list
+        monkeypatch.setenv("MARS_CHECKPOINT", named)
+        at = AppTest.from_file(APP, default_timeout=60).run()
+        assert at.selectbox[0].value == shipped[0] and len(at.text_input) == 0 and not at.error
 
 
 def test_a_missing_checkpoint_is_reported_in_the_page(monkeypatch, tmp_path):

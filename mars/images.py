@@ -2,6 +2,7 @@
 
     from mars.images import load_image, flatten_on_white, save_image
     rgb = flatten_on_white(load_image("in.png"))   # any PIL mode -> RGB on white, or a one-line OSError
+    square = fit_square(rgb, 128)                   # shorter side to 128, centre crop
     check_caption_image(rgb, "in.png")             # ValueError: too small to caption, or blank
     save_image(rgb, Path("out.png"))                # written whole or not at all
     labelled_sheet([(rgb, "a caption")], columns=6)  # images tiled with a label under each
@@ -18,7 +19,7 @@ import warnings
 from pathlib import Path
 from typing import IO
 
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from mars.errors import first_line
 
@@ -30,6 +31,14 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 MIN_CAPTION_SIDE = 16
 # A channel spread this small (of 255) is one colour plus compression noise: a blank image.
 BLANK_SPREAD = 8
+
+
+def fit_square(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, centre crop, bicubic: how every image meets a model (training, code
+    extraction, reconstruction)."""
+    if image.size == (size, size):
+        return image
+    return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
 
 
 def flatten_on_white(image: Image.Image) -> Image.Image:

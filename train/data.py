@@ -25,10 +25,10 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from mars.images import LISTINGS, flatten_on_white, read_image_listing
+from mars.images import LISTINGS, UNREADABLE, fit_square, flatten_on_white, read_image_listing
 from mars.shapes import describe_scene, random_scene, render, sample_example
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -46,13 +46,8 @@ def load_rgb(source) -> Image.Image:
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """Shorter side to `size`, centre crop, -> (3, size, size) float in [-1, 1]."""
-    if image.size != (size, size):
-        image = ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (S, S, 3)
+    pixels = torch.from_numpy(np.array(fit_square(image, size), dtype=np.uint8))  # (S, S, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class SkipCounter:
@@ -242,7 +237,7 @@ class ImageCaptionFolder(Dataset):
             path, caption = self.items[(index + offset) % len(self.items)]
             try:
                 image = load_rgb(path)
-            except _UNREADABLE as error:
+            except UNREADABLE as error:
                 if offset == 0:  # count each requested item once; stand-ins are counted when requested
                     self.skips.skip(str(path), error)
                 continue
@@ -312,7 +307,7 @@ class WebDatasetShards(IterableDataset):
                 else:
                     record = {"caption": sample.get("txt", b"").decode("utf-8").strip()}
                 captions = captions_of(record, self.lang, name)
-            except _UNREADABLE as error:  # bad JSON or a missing caption is a ValueError: skipped too
+            except UNREADABLE as error:  # bad JSON or a missing caption is a ValueError: skipped too
                 self.skips.skip(name, error)
                 continue
             for caption in captions:

@@ -16,10 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from mars.images import load_image
+from mars.images import fit_square, load_image
 from vq.model import VQTokenizer, images_to_tensor, tensor_to_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -57,7 +56,7 @@ def reconstruct_folder(tokenizer: VQTokenizer, images: Path, out: Path, batch_si
                 chunk = paths[start:start + batch_size]
                 loaded = [load_image(p) for p in chunk]
                 if size is not None:
-                    loaded = [ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC) for im in loaded]
+                    loaded = [fit_square(im, size) for im in loaded]
                 originals = images_to_tensor(loaded)
                 batch_codes = tokenizer.encode(originals)
                 rebuilt = tokenizer.decode(batch_codes).cpu()

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
+from torchmetrics.image import StructuralSimilarityIndexMeasure
 
 from train.__main__ import main as train_main
 from train.modules import warmup_cosine
@@ -119,6 +120,20 @@ def test_codes_are_chosen_in_float32_under_bf16_training():
     assert z.dtype == torch.bfloat16 and q.latents.dtype == torch.float32
     expected = tok.quantizer(z.float().flatten(2).transpose(1, 2), freeze_codebook=True)  # (B, h*w, D) in float32
     assert torch.equal(q.codes.flatten(1), expected.codes)
+
+
+def test_validation_figures_are_computed_in_float32_under_bf16():
+    """bf16 reconstructions fed to torchmetrics gave SSIM above 1; the metrics see float32 pixels."""
+    torch.manual_seed(0)
+    module = VQLitModule(VQConfig.from_name("tiny", kmeans_init=False), VQLossConfig(), val_verdicts=False).eval()
+    x = images(2, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        module.validation_step({"image": x}, 0)
+        reconstruction = module.tokenizer(x).reconstruction.clamp(-1, 1)
+    assert reconstruction.dtype == torch.bfloat16
+    figures = module.val_metrics["32"].compute()
+    expected = StructuralSimilarityIndexMeasure(data_range=1.0)((reconstruction.float() + 1) / 2, (x + 1) / 2)
+    assert torch.equal(figures["val/ssim_32"], expected)
 
 
 def test_fsq_config():

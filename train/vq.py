@@ -216,7 +216,9 @@ class VQLitModule(L.LightningModule):
                 "psnr": PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)),
                 "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}, prefix="val/", postfix=f"_{key}",
             ).to(self.device)
-        self.val_metrics[key].update((reconstruction + 1) / 2, (images + 1) / 2)
+        # in float32 outside autocast: SSIM's convolutions in bf16 stray above 1
+        with torch.autocast(self.device.type, enabled=False):
+            self.val_metrics[key].update((reconstruction.float() + 1) / 2, (images.float() + 1) / 2)
         self.val_code_counts += torch.bincount(out.codes.flatten(), minlength=self.val_code_counts.numel())
         if self.hparams.val_verdicts:
             agree = verdicts_agree(batch["caption"], images, reconstruction)

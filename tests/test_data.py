@@ -129,7 +129,8 @@ def folder(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     (tmp_path / "truncated.png").write_bytes(_png(Image.fromarray(noise))[:3000])
     (tmp_path / "fake.jpg").write_text("this is not a JPEG")
-    records = [{"file": "good.png", "caption": "stripes", "caption_zh": "条纹"}, {"image": "rgba.png", "caption": "rgba"},
+    records = [{"file": "good.png", "caption": "stripes", "caption_zh": "条纹", "concept": "stripes"},
+               {"image": "rgba.png", "caption": "rgba"},
                {"file": "truncated.png", "caption": "t"}, {"file": "gray.png", "caption": "gray"},
                {"file": "fake.jpg", "caption": "f"}, {"file": "missing.png", "caption": "m"}]
     (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n",
@@ -146,6 +147,7 @@ def test_folder_converts_crops_and_skips_bad_files(folder):
     named = " ".join(str(w.message) for w in caught)
     assert all(name in named for name in ("truncated.png", "fake.jpg", "missing.png"))
     assert [i["file"] for i in items] == ["good.png", "rgba.png", "gray.png", "gray.png", "good.png", "good.png"]
+    assert [(i["caption_zh"], i["concept"]) for i in items[:2]] == [("条纹", "stripes"), ("", "")]
     assert all(i["image"].shape == (3, 16, 16) for i in items)
     stripes, rgba, gray = (i["image"] for i in items[:3])
     assert (stripes[2] > stripes[0]).all()        # centre crop keeps only the blue middle third

@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -179,12 +180,17 @@ def test_scene_weights_set_the_category_mix_and_travel_with_the_codes(world, tmp
 
 def test_codes_from_an_image_folder(world, tmp_path):
     write_eval_folder(tmp_path / "images", n=5, size=128, seed=0)
+    listing_path = tmp_path / "images" / "captions.jsonl"
+    records = [json.loads(line) for line in listing_path.read_text().splitlines()]
+    records[1]["concept"] = records[2]["concept"] = "same thing"  # grouped for concept-balanced sampling
+    listing_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     extract_codes(world["vq"], tmp_path / "codes", n=None, sizes=(64, 128), source="folder",
                   path=str(tmp_path / "images"), batch_size=2)
     code_set = CodeSet.load(tmp_path / "codes")
     listing = [json.loads(line) for line in (tmp_path / "images" / "captions.jsonl").read_text().splitlines()]
     assert len(code_set) == 5 and code_set.grid(64) == (4, 4)
     assert [r["captions"] for r in code_set.records] == [{"caption_en": r["caption"]} for r in listing]
+    assert [r.get("concept") for r in code_set.records] == [None, "same thing", "same thing", None, None]
     vq = VQTokenizer.from_pretrained(world["vq"])
     image = image_to_tensor(load_rgb(tmp_path / "images" / listing[3]["file"]), 128)[None]
     assert torch.equal(code_set.codes[128][3].long(), vq.encode(image)[0])
@@ -231,6 +237,27 @@ def test_code_batches_are_a_function_of_position(world):
         joined = torch.cat([halves[0][k]["index"], halves[1][k]["index"]])
         assert torch.equal(joined, single[k]["index"])
         assert torch.equal(torch.cat([h[k]["codes_256"] for h in halves]), code_set.codes[256][joined].long())
+
+
+def test_concept_balance_evens_out_concepts_and_repeats_on_resume(world):
+    # 12 images of one concept (an emoji in six tones and two styles) beside four concepts of one image.
+    records = [{"index": i, "category": None, "captions": {"caption_en": f"image {i}"},
+                **({"concept": "thumbs_up"} if i < 12 else {})} for i in range(16)]
+    code_set = CodeSet({128: torch.zeros(16, 2, 2, dtype=torch.int16)}, records, {"codebook_size": 4})
+    items = range(16)
+
+    def share_of_big_concept(balance: float) -> float:
+        sampler = CodeSampler(code_set, items, 3, "caption", "en", concept_balance=balance)
+        return np.mean([sampler(p)[0] < 12 for p in range(16 * 400)])
+
+    assert share_of_big_concept(0.0) == 0.75  # a permutation every epoch: each image once
+    assert abs(share_of_big_concept(1.0) - 1 / 5) < 0.03  # every concept alike
+    assert abs(share_of_big_concept(0.5) - 12 ** 0.5 / (12 ** 0.5 + 4)) < 0.03
+    fresh = CodeSampler(code_set, items, 3, "caption", "en", concept_balance=1.0)
+    resumed = CodeSampler(code_set, items, 3, "caption", "en", concept_balance=1.0)
+    assert [fresh(p) for p in range(40)][33:] == [resumed(p) for p in range(33, 40)]
+    with pytest.raises(ValueError, match="from 0 .* to 1"):
+        CodesDataModule(str(world["codes"]), concept_balance=2.0)
 
 
 def test_strict_captions_keep_only_items_with_a_caption_of_the_kind(world):

@@ -17,7 +17,8 @@ Codes directory format (version 1), written by `extract_codes` / `python -m trai
                            at each size), so codes_128[i] and codes_256[i] are a super-resolution pair.
     DIR/captions.jsonl     N lines, line i describes image i:
                            {"index": i, "category": "position" | ... | "scene" | null,
-                            "captions": {"<kind>_<lang>": text or [texts], ...}}
+                            "captions": {"<kind>_<lang>": text or [texts], ...},
+                            "concept": "..." (a folder record's `concept`, when it has one)}
                            kinds: "prompt" (category prompts of the shapes world, mars/shapes.py, that the
                            image passes strictly), "scene" (a full scene description), "caption"
                            (a real-data caption: caption_en holds the source's `caption` field,
@@ -35,8 +36,8 @@ Reading:
     codes.caption(i, rng, kind="prompt", weights={"color_attr": 3.0})   # oversample a category's prompts
 
 Training data is a pure function of the global sample position p (the p-th sample the run
-consumes, over all ranks): epoch p // N_train, a permutation seeded by (seed, epoch), and a
-caption drawn with rng (seed, p). A resumed run therefore sees exactly the batches an
+consumes, over all ranks): epoch p // N_train, a permutation seeded by (seed, epoch) (a weighted
+draw under concept_balance), and a caption drawn with rng (seed, p). A resumed run therefore sees exactly the batches an
 uninterrupted one would: `CodesDataModule` starts its stream at batch
 `trainer.global_step * accumulate_grad_batches` (see `IndexedBatches`).
 
@@ -52,6 +53,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -150,7 +152,8 @@ def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) 
         full = torch.stack([x["image"] for x in buffer])  # (B, 3, S, S)
         images = {size: full if size == max(sizes) else
                   interpolate(full, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1) for size in sizes}
-        return images, [{"category": None, "captions": item_captions(x)} for x in buffer]
+        return images, [{"category": None, "captions": item_captions(x)} | ({"concept": x["concept"]} if x.get("concept")
+                                                                            else {}) for x in buffer]
 
     buffer, count = [], 0
     # A map-style set is read by index: ImageCaptionFolder wraps indices around, so never iterate it.
@@ -394,22 +397,39 @@ def positions(batch: int, batch_size: int, rank: int, world: int) -> range:
 
 class CodeSampler:
     """Global position p -> (item index, caption): a fresh permutation of the items every epoch; each
-    item's caption drawn by `CodeSet.caption` (category `weights` optional)."""
+    item's caption drawn by `CodeSet.caption` (category `weights` optional).
+
+    concept_balance b > 0: an epoch is instead len(items) draws with replacement, item i with probability
+    proportional to n_i ** -b, where n_i counts the items of its record's `concept` (an item without one is
+    a concept of its own). b = 1 gives every concept the same share of samples, b = 0.5 a concept of n images
+    sqrt(n) shares: emoji with five skin tones in two styles (12 images) would otherwise take six times
+    the samples of an emoji without tones."""
 
     def __init__(self, code_set: CodeSet, items: Sequence[int], seed: int, kind: str, lang: str,
-                 weights: dict[str, float] | None = None):
+                 weights: dict[str, float] | None = None, concept_balance: float = 0.0):
         self.code_set, self.items, self.seed, self.kind, self.lang = code_set, items, seed, kind, lang
         self.weights = weights
+        self.p_items = concept_probabilities(code_set, items, concept_balance) if concept_balance else None
         self._perm_epoch, self._perm = -1, None
 
     def __call__(self, p: int) -> tuple[int, str]:
         epoch, offset = divmod(p, len(self.items))
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+            rng = np.random.default_rng([self.seed, epoch])
+            n = len(self.items)
+            self._perm = rng.permutation(n) if self.p_items is None else rng.choice(n, size=n, p=self.p_items)
             self._perm_epoch = epoch
         index = self.items[int(self._perm[offset])]
         rng = np.random.default_rng([self.seed, 1, p])
         return index, self.code_set.caption(index, rng, self.kind, self.lang, self.weights)
+
+
+def concept_probabilities(code_set: CodeSet, items: Sequence[int], balance: float) -> np.ndarray:
+    """(len(items),) sampling probabilities, item i's proportional to (items sharing its concept) ** -balance."""
+    concepts = [code_set.records[i].get("concept") or f"#{i}" for i in items]
+    counts = Counter(concepts)
+    weights = np.array([counts[c] ** -balance for c in concepts], dtype=np.float64)
+    return weights / weights.sum()
 
 
 class CodeBatches(IndexedBatches):
@@ -442,12 +462,19 @@ class CodesDataModule(L.LightningDataModule):
     category_weights: oversample (or undersample) the prompts of shapes-world categories among an
     item's captions during training, e.g. {color_attr: 3}: a two-object scene is also "a circle and
     a square" and two position prompts, so colour binding would otherwise be a quarter of its draws.
-    Validation keeps uniform draws, so its loss stays comparable across weightings."""
+    Validation keeps uniform draws, so its loss stays comparable across weightings.
+
+    concept_balance: how far training evens out the samples of concepts with many images (CodeSampler);
+    0 samples every image equally, 1 every concept. Validation stays uniform."""
 
     def __init__(self, path: str, batch_size: int = 32, sizes: tuple[int, ...] = (128,), captions: str = "mixed",
                  lang: str = "both", val_items: int | None = 64, val_batches: int = 2, seed: int = 0,
-                 num_workers: int = 0, strict_captions: bool = False, category_weights: dict[str, float] | None = None):
+                 num_workers: int = 0, strict_captions: bool = False, category_weights: dict[str, float] | None = None,
+                 concept_balance: float = 0.0):
         super().__init__()
+        if not 0.0 <= concept_balance <= 1.0:
+            raise ValueError(f"concept_balance={concept_balance}: use a number from 0 (every image alike) "
+                             "to 1 (every concept alike)")
         if captions not in ("mixed", *KINDS):
             raise ValueError(f"captions={captions!r}: use 'mixed' or one of {KINDS}")
         if lang not in ("en", "zh", "both"):
@@ -488,7 +515,7 @@ class CodesDataModule(L.LightningDataModule):
             return kept
 
         train = CodeSampler(self.code_set, usable(range(0, n - val_items)), h.seed, h.captions, h.lang,
-                            h.category_weights)
+                            h.category_weights, h.concept_balance)
         val = CodeSampler(self.code_set, usable(range(n - val_items, n)), h.seed + 1, h.captions, h.lang)
         self.train_set = CodeBatches(train, h.batch_size, h.sizes)
         self.val_set = CodeBatches(val, h.batch_size, h.sizes)

@@ -81,6 +81,14 @@ def captions_of(record: dict, lang: str, where: str) -> list[str]:
     return [chinese] if lang == "zh" else [record["caption"], chinese]
 
 
+def record_fields(record: dict) -> dict[str, str]:
+    """What an item carries of its record besides the caption it was read for: `caption_zh`, so code
+    extraction keeps both languages, and `concept`, which groups images of one thing (emoji skin-tone
+    variants) for metrics and concept-balanced sampling; "" where the record has none."""
+    concept = record.get("concept")
+    return {"caption_zh": record.get("caption_zh") or "", "concept": concept if isinstance(concept, str) else ""}
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -211,18 +219,18 @@ class ImageCaptionFolder(Dataset):
 
     Map-style (Lightning adds a DistributedSampler under DDP). An unreadable item is replaced by
     the next readable one, so batches stay full; `skipped` counts replaced requests (per epoch:
-    the number of unreadable items, summed over workers). Items carry the record's `caption_zh`
-    too ("" when it has none), so code extraction keeps both languages of a record."""
+    the number of unreadable items, summed over workers). Items carry the record's `caption_zh` and
+    `concept` too (record_fields)."""
 
     def __init__(self, root: str | Path, size: int, lang: str = "en"):
         _check_choice("lang", lang, LANG_CHOICES)
         self.root, self.size = Path(root), size
         self.items: list[tuple[Path, str]] = []
-        self.chinese: list[str] = []  # item i's record's caption_zh, "" when none
+        self.fields: list[dict[str, str]] = []  # item i's record_fields
         for path, record, where in read_listing(self.root):
             captions = captions_of(record, lang, where)
             self.items += [(path, caption) for caption in captions]
-            self.chinese += [record.get("caption_zh") or ""] * len(captions)  # a string: captions_of checked it
+            self.fields += [record_fields(record)] * len(captions)
         self.skips = SkipCounter()
 
     @property
@@ -242,7 +250,7 @@ class ImageCaptionFolder(Dataset):
                     self.skips.skip(str(path), error)
                 continue
             return {"image": image_to_tensor(image, self.size), "caption": caption, "file": path.name,
-                    "caption_zh": self.chinese[(index + offset) % len(self.items)]}
+                    **self.fields[(index + offset) % len(self.items)]}
         raise RuntimeError(f"no readable image in {self.root}: every file listed in captions.jsonl failed to load")
 
 
@@ -267,7 +275,7 @@ def shard_list(urls: str | Path | list[str]) -> list[str]:
 
 class WebDatasetShards(IterableDataset):
     """WebDataset tar shards of (.jpg/.jpeg/.png/.webp image, .txt caption or .json {"caption", "caption_zh"}).
-    Items carry `caption_zh` too, as ImageCaptionFolder's do.
+    Items carry `caption_zh` and `concept` too, as ImageCaptionFolder's do.
 
     Shards split deterministically: rank r of W takes shards[r::W], worker k of K in that rank
     takes every K-th of those, so every sample is read exactly once per epoch when there are at
@@ -311,8 +319,7 @@ class WebDatasetShards(IterableDataset):
                 self.skips.skip(name, error)
                 continue
             for caption in captions:
-                yield {"image": image, "caption": caption, "key": sample["__key__"],
-                       "caption_zh": record.get("caption_zh") or ""}
+                yield {"image": image, "caption": caption, "key": sample["__key__"], **record_fields(record)}
 
 
 # ----------------------------------------------------------------------------- Lightning

@@ -105,12 +105,13 @@ def shipped_bundles() -> list[str]:
 
 def model_picker() -> str:
     """The checkpoint to load: a shipped bundle from the list, or any bundle folder typed in (the list's last
-    entry). $MARS_CHECKPOINT chooses the first one shown; this session remembers the choice."""
+    entry). $MARS_CHECKPOINT chooses the first one shown; the browser tab keeps the choice."""
     bundles = shipped_bundles()
     if "model" not in st.session_state:
         start = st.session_state.checkpoint
         # an absolute path to a shipped bundle is that bundle: the list shows its name, not "another folder"
-        start = next((b for b in bundles if (REPO / b).resolve() == Path(resolve_checkpoint(start))), start)
+        target = Path(resolve_checkpoint(start))
+        start = next((b for b in bundles if (REPO / b).resolve() == target), start)
         st.session_state.model = start if start in bundles else OTHER_MODEL
         st.session_state.checkpoint_text = start
     choice = st.selectbox("Model", bundles + [OTHER_MODEL], key="model",

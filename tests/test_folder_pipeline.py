@@ -227,7 +227,7 @@ def test_the_text_stage_reads_the_folder_captions(tmp_path):
 
 
 def test_the_emoji_preset_configs_are_complete_training_configs(monkeypatch):
-    """Each emoji stage YAML alone (and with its smoke overlay) is a config python -m train fit accepts; none
+    """Each emoji stage YAML alone (and with its smoke or GPU overlay) is a config python -m train fit accepts; none
     uses the shapes evaluator, and the codes stage reads the folder."""
     from train.__main__ import main as train_main
 
@@ -243,11 +243,14 @@ def test_the_emoji_preset_configs_are_complete_training_configs(monkeypatch):
             config = load_stage_config(stage, smoke=True)
             assert config["limit"] == 16 if stage.kind == "data" else config["source"] == "folder"
             continue
-        for smoke in ((), (CONFIG_DIR / "smoke" / stage.config,)):
+        overlays = [(), (CONFIG_DIR / "smoke" / stage.config,)]
+        if (CONFIG_DIR / "gpu" / stage.config).is_file():
+            overlays.append((CONFIG_DIR / "gpu" / stage.config,))
+        for overlay in overlays:
             with pytest.raises(SystemExit) as printed:
-                train_main(["fit", f"--config={CONFIG_DIR / stage.config}", *(f"--config={p}" for p in smoke),
+                train_main(["fit", f"--config={CONFIG_DIR / stage.config}", *(f"--config={p}" for p in overlay),
                             "--print_config"])
-            assert printed.value.code in (0, None), (stage.name, smoke)
+            assert printed.value.code in (0, None), (stage.name, overlay)
 
 
 def refused(capsys, *argv: str) -> str:

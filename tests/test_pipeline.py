@@ -251,9 +251,9 @@ def test_the_shapes_preset_names_every_stage_config_and_needs_no_overlay():
 
 
 def test_gpu_settings_keep_the_number_of_training_samples():
-    """The GPU files trade steps for batch: stage 2 and super-resolution see as many samples either way."""
-    for name in ("stage2", "superres"):
-        stage = next(stage for stage in PIPELINE_PRESETS["shapes"] if stage.name == name)
+    """The GPU files trade steps for batch: the long stages see as many samples either way."""
+    for preset, name in (("shapes", "stage2"), ("shapes", "superres"), ("emoji", "stage1"), ("emoji", "stage2")):
+        stage = next(stage for stage in PIPELINE_PRESETS[preset] if stage.name == name)
         cpu, gpu = load_stage_config(stage, smoke=False), load_stage_config(stage, smoke=False, gpu=True)
         samples = lambda c: c["trainer"]["max_steps"] * c["data"]["init_args"]["batch_size"]  # noqa: E731
         assert gpu["data"]["init_args"]["batch_size"] > cpu["data"]["init_args"]["batch_size"]

@@ -1,20 +1,28 @@
-"""Sampler tuning: the bundle's default settings chosen on shapes-world category prompts.
+"""Sampler tuning: the bundle's default settings, chosen on prompts the evaluation does not use.
 
-    from mars.tuning import tune_sampling, tune_superres
-    ranked = tune_sampling(pipe)                    # [(settings, summary)], best first
+    from mars.tuning import tune_sampling, tune_superres, RetrievalJudge
+    ranked = tune_sampling(pipe)                    # [(settings, summary)], best first: shapes-world prompts
     ranked_sr = tune_superres(pipe, ranked[0][0])   # super-resolution settings for that base
+    ranked = tune_sampling(pipe, judge=RetrievalJudge("data/emoji/train"))   # an image folder's captions
 
-train.pipeline runs both after training and writes the winners into the bundle's model_index.json.
-Tests: `pytest tests/test_pipeline.py -k tuned`.
+A judge holds the prompts and scores one image per prompt into a summary whose "score" ranks the settings:
+ShapesJudge, the shapes scorer's mean of overall and strict accuracy on category prompts; RetrievalJudge,
+concept retrieval's mean of top-1 and top-5 on captions of a real folder's records (mars.metrics).
+train.pipeline runs them after training and writes the winners into the bundle's model_index.json.
+Tests: `pytest tests/test_pipeline.py -k tuned` (shapes), `pytest tests/test_folder_pipeline.py -k emoji_bundle` (folder).
 """
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
 from tqdm import tqdm
 
-from mars.eval import category_prompts, sample_images
+from mars.eval import category_prompts, reference_prompts, sample_images
 from mars.shapes import LANGS, score, summarize
 
 # Sampler settings tried by tune_sampling, and the prompt seed it uses: not the evaluation's (0), so
@@ -26,33 +34,78 @@ SUPERRES_TUNING_GRID = {"sr_guidance_scale": (1.0, 3.0), "sr_temperature": (0.0,
 TUNING_SEED = 1_000_003
 
 
+class ShapesJudge:
+    """n shapes-world category prompts (both languages) and the shapes scorer: score = mean of overall and
+    strict accuracy."""
+
+    def __init__(self, n: int = 96, seed: int = TUNING_SEED):
+        self.prompts = [row["prompt"] for row in category_prompts(n, LANGS, seed)]
+
+    def __call__(self, images: list[Image.Image]) -> dict:
+        summary = summarize([score(p, im) for p, im in zip(self.prompts, images)])
+        return summary | {"score": (summary["overall"] + summary["overall_strict"]) / 2}
+
+
+class RetrievalJudge:
+    """Captions of n records of a real image folder (English and Chinese, drawn with `seed`) and concept
+    retrieval of each sample among the folder's images: score = mean of top-1 and top-5. The folder's
+    InceptionV3 features are computed once (kept under `cache_dir` when given)."""
+
+    def __init__(self, folder: str | Path, n: int = 96, seed: int = TUNING_SEED, cache_dir: Path | None = None,
+                 batch_size: int = 32, device: str | torch.device | None = None):
+        from mars.metrics import InceptionFeatures, extract_features, keys_of, read_folder
+
+        items = read_folder(folder)
+        rows = reference_prompts(items, n, LANGS, seed)
+        by_path = {str(item.path): item for item in items}
+        self.prompts = [row["prompt"] for row in rows]
+        self.keys = [keys_of(by_path[row["reference_file"]]) for row in rows]
+        self.gallery_keys = [keys_of(item) for item in items]
+        self.model, self.batch_size, self.device = InceptionFeatures(), batch_size, device
+        self.gallery = extract_features([item.path for item in items], self.model, batch_size, device,
+                                        progress=False, cache_dir=cache_dir, desc="reference")
+
+    def __call__(self, images: list[Image.Image]) -> dict:
+        from mars.metrics import retrieval
+
+        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))  # (B, H, W, 3)
+        pixels = pixels.permute(0, 3, 1, 2).float()  # (B, 3, H, W), 0-255 as a saved PNG holds them
+        self.model.to(self.device)
+        with torch.inference_mode():
+            features = np.concatenate([self.model(chunk.to(self.device)).cpu().numpy()
+                                       for chunk in pixels.split(self.batch_size)])  # (B, 2048)
+        found = retrieval(features, self.keys, self.gallery, self.gallery_keys)
+        return {"top1": found["top1"], "top5": found["top5"], "n": len(images),
+                "score": (found["top1"] + found["top5"]) / 2}
+
+
 def _ranked(results: list) -> list:
-    return sorted(results, key=lambda r: -(r[1]["overall"] + r[1]["overall_strict"]) / 2)
+    return sorted(results, key=lambda r: -r[1]["score"])
 
 
 def _grid(grid: dict) -> list[dict]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
-def _trial(pipe, prompts: list[str], seed: int, batch_size: int, settings: dict) -> tuple[dict, dict]:
-    """(settings, summary) of one image per prompt sampled with `settings` (pipeline keywords)."""
-    images = sample_images(pipe, prompts, batch_size, seed, settings, progress=False)
+def _trial(pipe, judge, seed: int, batch_size: int, settings: dict) -> tuple[dict, dict]:
+    """(settings, summary) of one image per prompt of `judge` sampled with `settings` (pipeline keywords)."""
+    images = sample_images(pipe, judge.prompts, batch_size, seed, settings, progress=False)
     shown = {k: v for k, v in settings.items() if k != "super_resolution"}
-    return shown, summarize([score(p, im) for p, im in zip(prompts, images)])
+    return shown, judge(images)
 
 
 def tune_sampling(pipe, n: int = 96, seed: int = TUNING_SEED, batch_size: int = 16, grid: dict | None = None,
                   candidates: tuple[int, ...] = TUNING_CANDIDATES, finalists: int = TUNING_FINALISTS,
-                  progress: bool = True) -> list[tuple[dict, dict]]:
-    """Base-stage sampler settings chosen on n category prompts (both languages, base images)
-    -> [(settings, summary)] best first by the mean of overall and strict accuracy.
+                  progress: bool = True, judge=None) -> list[tuple[dict, dict]]:
+    """Base-stage sampler settings chosen on the prompts of `judge` (default: ShapesJudge(n, seed), n
+    category prompts in both languages), base images -> [(settings, summary)] best first by the judge's score.
 
     Every combination of `grid` (default TUNING_GRID) is sampled with one candidate, then the best
     `finalists` of them with each larger number of `candidates` (self-reranking costs that many
     samples an image). Not just the single best: reranking can favour another setting (a CPU-trained
     base scored CFG 3 above CFG 2 at best of 8, docs/experiments.md, "The CPU-only path")."""
-    prompts = [row["prompt"] for row in category_prompts(n, LANGS, seed)]
-    trial = lambda settings: _trial(pipe, prompts, seed, batch_size, settings | {"super_resolution": False})  # noqa: E731
+    judge = judge or ShapesJudge(n, seed)
+    trial = lambda settings: _trial(pipe, judge, seed, batch_size, settings | {"super_resolution": False})  # noqa: E731
     combos = [settings | {"candidates": 1} for settings in _grid(grid or TUNING_GRID)]
     results = _ranked([trial(settings) for settings in tqdm(combos, desc="tuning the sampler", disable=not progress)])
     reranked = [settings | {"candidates": count}
@@ -67,7 +120,7 @@ def tune_superres(pipe, base: dict, n: int = 288, seed: int = TUNING_SEED, batch
     the upsampled images of n category prompts -> [(settings, summary)] best first. The seed fixes the
     base images, so every trial upsamples the same ones. Three times the base tuning's prompts: the
     settings differ by a few hundredths, and 96 prompts once chose a setting that lost by 0.017 on 300."""
-    prompts = [row["prompt"] for row in category_prompts(n, LANGS, seed)]
+    judge = ShapesJudge(n, seed)
     combos = _grid(grid or SUPERRES_TUNING_GRID)
-    return _ranked([_trial(pipe, prompts, seed, batch_size, base | settings)
+    return _ranked([_trial(pipe, judge, seed, batch_size, base | settings)
                     for settings in tqdm(combos, desc="tuning super-resolution", disable=not progress)])

@@ -107,10 +107,14 @@ def test_the_emoji_bundle_draws_from_english_and_chinese_captions(emoji_run):
     assert pipe.superres is None and [im.size for im in out.images] == [(128, 128)] * 2
     assert out.codes.shape == (2, 16, 16)  # the f = 8 VQ
     assert torch.equal(sample(pipe, prompts).codes, out.codes)  # same seed, same images
-    # Not tuned (the tuning prompts and scorer are the shapes world's): the defaults, and no sampling.json.
-    assert pipe.sampling == DEFAULT_SAMPLING and not (emoji_run / "sampling.json").exists()
+    # Tuned by concept retrieval of training captions (the smoke grid: two temperatures, then best of 2).
+    trials = json.loads((emoji_run / "sampling.json").read_text())
+    assert len(trials) == 4 and all({"top1", "top5", "score"} <= t.keys() and t["n"] == 12 for t in trials)
+    assert trials[0]["score"] == max(t["score"] for t in trials) == (trials[0]["top1"] + trials[0]["top5"]) / 2
+    best = trials[0]["settings"]
+    assert pipe.sampling == DEFAULT_SAMPLING | best | {"top_k": best["top_k"] or None}
     provenance = json.loads((emoji_run / "bundle" / "model_index.json").read_text())["provenance"]
-    assert list(provenance["stage_seconds"]) == list(EMOJI_STAGES) and provenance["given"] == {}
+    assert list(provenance["stage_seconds"]) == [*EMOJI_STAGES, "tune"] and provenance["given"] == {}
 
 
 @pytest.mark.slow

@@ -159,8 +159,12 @@ def test_the_pipeline_asks_for_the_inception_model_before_any_stage(world, tmp_p
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "stage stage1 evaluates with train.callbacks.RetrievalEvalCallback" in lines[0]
     assert lines[0].endswith(M.INSTALL_EVAL) and not out.exists()
-    # A smoke run leaves the callback out, so it needs no InceptionV3.
-    check_evaluators(OneLineParser(prog="test"), Runner(out, smoke=True), list(PIPELINE_PRESETS["emoji"]))
+    # A smoke run leaves the callback out, but a folder run's sampler tuning scores retrieval too.
+    with pytest.raises(SystemExit):
+        check_evaluators(OneLineParser(prog="test"), Runner(out, smoke=True, data=str(world["data"])),
+                         list(PIPELINE_PRESETS["emoji"]))
+    assert "the sampler tuning of a folder run scores concept retrieval" in capsys.readouterr().err
+    check_evaluators(OneLineParser(prog="test"), Runner(out, smoke=True), list(PIPELINE_PRESETS["shapes"]))
 
 
 # --- the concept set and the clock --------------------------------------------------------------------

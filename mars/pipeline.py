@@ -15,6 +15,7 @@ A bundle directory (written by `save_pretrained`, and by `python -m train.pipeli
                         "sampling": {"guidance_scale": 3.0, "temperature": 1.0, "top_k": null, "top_p": 1.0,
                                      "candidates": 1},
                         "sha256": {"mars/mars_trainable.safetensors": "<hex digest>", ...},
+                        "examples": ["a prompt of the kind the model was trained on", ...],  (optional)
                         "provenance": {"command": ..., "commit": ..., "hardware": ..., ...}}  (optional)
     tokenizer/         tokenizer.json + tokenizer_config.json (the Qwen tokenizer), and
                        vocab_map.json when the text model uses a trimmed vocabulary (mars.tokenizer.VocabMap)
@@ -24,7 +25,8 @@ A bundle directory (written by `save_pretrained`, and by `python -m train.pipeli
     superres/          optional: mars.superres.SuperResModel.save_pretrained (text_model "../text_model")
 
 "sampling" holds the sampler settings the model was tuned with; a call (or a CLI flag) that
-leaves a setting out gets the bundle's value. "sha256" holds the digest of every weight file
+leaves a setting out gets the bundle's value. "examples" are prompts in the form its training captions
+take (the app shows them); a bundle without them has `examples` []. "sha256" holds the digest of every weight file
 (*.safetensors): from_pretrained checks them before loading, so a damaged, truncated or swapped
 file is refused by name instead of drawing garbage (about 0.02 s for the shipped bundle's 27 MB).
 Bundles written before the digests existed have no "sha256" and load unchecked; a bundle whose
@@ -231,9 +233,10 @@ class MarsPipeline:
     """Text-to-image (and image-to-text) with a trained MARS model; see the module docstring."""
 
     def __init__(self, model: MarsModel, vq: VQTokenizer, tokenizer: PromptTokenizer, superres=None,
-                 sampling: dict | None = None):
+                 sampling: dict | None = None, examples: list[str] | None = None):
         self.model, self.vq, self.tokenizer, self.superres = model.eval(), vq.eval(), tokenizer, superres
         self.sampling = sampler_defaults(sampling)  # the defaults of __call__
+        self.examples = list(examples or [])
         if superres is not None:
             superres.eval()
         if vq.codebook_size != model.config.codebook_size:
@@ -278,6 +281,9 @@ class MarsPipeline:
             sampling = index.get("sampling") or {}
             if not isinstance(sampling, dict):
                 raise ValueError("sampling is not a JSON object")
+            examples = index.get("examples") or []
+            if not isinstance(examples, list) or not all(isinstance(e, str) for e in examples):
+                raise ValueError("examples is not a list of prompts")
         except (ValueError, KeyError, TypeError) as error:
             reason = first_line(error)
             raise ValueError(f"{index_path} is corrupt ({reason}): re-export the bundle") from None
@@ -293,6 +299,7 @@ class MarsPipeline:
         verify_weights(directory, index.get("sha256", {}))  # what was recorded: older bundles recorded nothing
         pipe = cls.from_parts(parts["text_model"], parts["mars"], parts["vq"], parts["tokenizer"],
                               parts.get("superres"), dtype=dtype, sampling=sampling)
+        pipe.examples = examples
         return pipe.to(device) if device is not None else pipe
 
     @classmethod
@@ -360,6 +367,8 @@ class MarsPipeline:
                  "mars": "mars", "vq": "vq", "superres": "superres" if self.superres is not None else None,
                  "image_size": self.image_size * (2 if self.superres is not None else 1), "sampling": self.sampling,
                  "sha256": weight_digests(staging)}
+        if self.examples:
+            index["examples"] = self.examples
         if provenance is not None:
             index["provenance"] = provenance
         (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -10,6 +10,8 @@ The real-browser test is tests/test_app_browser.py.
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -155,6 +157,18 @@ def test_the_model_picker_lists_the_shipped_bundles_and_takes_another_folder(mon
         monkeypatch.setenv("MARS_CHECKPOINT", named)
         at = AppTest.from_file(APP, default_timeout=60).run()
         assert at.selectbox[0].value == shipped[0] and len(at.text_input) == 0 and not at.error
+
+
+def test_the_prompt_box_shows_the_bundles_own_examples(monkeypatch, tiny_bundle, tmp_path):
+    at = open_app(monkeypatch, tiny_bundle)  # a bundle without examples: the shapes world's
+    assert at.text_area(key="prompt").placeholder == "a red circle to the left of a blue square · 两个绿色的三角形"
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    index = json.loads((bundle / "model_index.json").read_text())
+    (bundle / "model_index.json").write_text(json.dumps(index | {"examples": ["red apple, soft shaded style",
+                                                                              "红苹果，柔和渐变风格"]}))
+    at = open_app(monkeypatch, bundle)
+    assert at.text_area(key="prompt").placeholder == "red apple, soft shaded style · 红苹果，柔和渐变风格"
 
 
 def test_a_missing_checkpoint_is_reported_in_the_page(monkeypatch, tmp_path):

@@ -113,6 +113,9 @@ def test_the_emoji_bundle_draws_from_english_and_chinese_captions(emoji_run):
     assert trials[0]["score"] == max(t["score"] for t in trials) == (trials[0]["top1"] + trials[0]["top5"]) / 2
     best = trials[0]["settings"]
     assert pipe.sampling == DEFAULT_SAMPLING | best | {"top_k": best["top_k"] or None}
+    # Its examples (the app's placeholder): two training records' captions in both languages.
+    captions = {text for r in records(emoji_run / "data" / "export" / "train") for text in (r["caption"], r["caption_zh"])}
+    assert len(pipe.examples) == 4 and set(pipe.examples) <= captions
     provenance = json.loads((emoji_run / "bundle" / "model_index.json").read_text())["provenance"]
     assert list(provenance["stage_seconds"]) == [*EMOJI_STAGES, "tune"] and provenance["given"] == {}
 

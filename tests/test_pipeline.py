@@ -424,16 +424,22 @@ def test_a_float16_bundle_is_half_the_size_and_loads_the_rounded_weights_in_floa
 def test_the_bundle_sampler_settings_are_the_defaults_and_survive_save(tiny_pipe, tmp_path):
     tuned = {"guidance_scale": 2.0, "temperature": 0.5, "top_k": 7, "top_p": 0.9, "candidates": 2,
              "sr_guidance_scale": 1.5, "sr_temperature": 0.8}
-    pipe = MarsPipeline(tiny_pipe.model, tiny_pipe.vq, tiny_pipe.tokenizer, tiny_pipe.superres, tuned)
-    assert pipe.sampling == tuned and tiny_pipe.sampling == DEFAULT_SAMPLING
+    examples = ["a red circle", "一个红色的圆形"]
+    pipe = MarsPipeline(tiny_pipe.model, tiny_pipe.vq, tiny_pipe.tokenizer, tiny_pipe.superres, tuned, examples)
+    assert pipe.sampling == tuned and tiny_pipe.sampling == DEFAULT_SAMPLING and tiny_pipe.examples == []
     assert torch.equal(sample(pipe, seed=4).codes, sample(tiny_pipe, seed=4, **tuned).codes)
     # A call overrides one setting and keeps the others; top_k=0 turns the bundle's top-k off.
     assert torch.equal(sample(pipe, seed=4, guidance_scale=3.0, top_k=0).codes,
                        sample(tiny_pipe, seed=4, **tuned | {"guidance_scale": 3.0, "top_k": None}).codes)
     pipe.save_pretrained(tmp_path / "bundle")
     index = json.loads((tmp_path / "bundle" / "model_index.json").read_text())
-    assert index["sampling"] == tuned and MarsPipeline.from_pretrained(tmp_path / "bundle").sampling == tuned
-    index["sampling"] = {"temperature": -1}
+    loaded = MarsPipeline.from_pretrained(tmp_path / "bundle")
+    assert index["sampling"] == tuned and loaded.sampling == tuned and loaded.examples == examples
+    index["examples"] = "a red circle"
+    (tmp_path / "bundle" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model_index.json is corrupt \(examples is not a list of prompts\)"):
+        MarsPipeline.from_pretrained(tmp_path / "bundle")
+    index["examples"], index["sampling"] = examples, {"temperature": -1}
     (tmp_path / "bundle" / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"model_index.json: temperature=-1 is out of range"):
         MarsPipeline.from_pretrained(tmp_path / "bundle")

@@ -385,15 +385,18 @@ class Runner:
                 "given": {name: str(path) for name, path in self.products.items()
                           if name in (DATA_STAGE, "text", "vq", "superres") and name not in stages}}
 
-    def check_prompts(self) -> list[str]:
-        """What the finished bundle must draw: a shapes prompt, or a folder's first training caption in
-        English and, when it has one, Chinese."""
+    def example_prompts(self) -> list[str]:
+        """The bundle's examples, which it must draw before the run calls it done: shapes prompts, or captions
+        of two of a folder's training records (drawn with seed 0), each in English and, when it has one, Chinese."""
         if not self.folder:
-            return ["a red circle"]
+            return ["a red circle to the left of a blue square", "两个绿色的三角形"]
+        import numpy as np
+
         from train.data import read_listing
 
-        record = read_listing(self.folder_parts[0])[0][1]
-        return [record["caption"]] + ([record["caption_zh"]] if record.get("caption_zh") else [])
+        listing = read_listing(self.folder_parts[0])
+        records = [listing[int(i)][1] for i in np.random.default_rng(0).permutation(len(listing))[:2]]
+        return [text for record in records for text in (record["caption"], record.get("caption_zh")) if text]
 
     def export_bundle(self, provenance: dict) -> Path:
         """DIR/bundle from the text model, the last MARS stage, the VQ and (if trained) the super-resolution model."""
@@ -406,10 +409,10 @@ class Runner:
                                        superres=self.products.get("superres"))
         pipe.sampling = self.tune_sampling(pipe.to(self.device))
         provenance["stage_seconds"]["tune"] = round(time.perf_counter() - start, 1)
+        pipe.examples = prompts = self.example_prompts()
         bundle = pipe.to("cpu").save_pretrained(self.out / "bundle", dtype=torch.float16,  # fp16: half the size
                                                 provenance=provenance)
         with torch.inference_mode():  # prove it loads and samples before calling it done
-            prompts = self.check_prompts()
             image = MarsPipeline.from_pretrained(bundle)(prompts, generator=torch.Generator().manual_seed(0))
         print(f"[pipeline] bundle written to {bundle} (sample images {image.images[0].size[0]} px from "
               f"{' / '.join(map(repr, prompts))})")

@@ -127,6 +127,15 @@ class InceptionFeatures(torch.nn.Module):
         return self.net(x * (high - low) + low).float()
 
 
+def pixel_features(pixels: torch.Tensor, model: InceptionFeatures, batch_size: int = 32,
+                   device: str | torch.device | None = None) -> np.ndarray:
+    """(N, 2048) float32 features of images already in memory: (N, 3, H, W) float 0..255, as a saved PNG
+    holds them (generated samples, before they are written)."""
+    model.to(device)
+    chunks = [model(chunk.to(device)).cpu().numpy() for chunk in pixels.split(batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, NUM_FEATURES), np.float32)
+
+
 def image_batch(paths: list[Path], prepare: Callable[[Image.Image], Image.Image] | None = None) -> torch.Tensor:
     """Images on white (then `prepare`d, e.g. blurred) -> (N, 3, 299, 299) float 0..255 (each resized on its
     own, so sizes may differ)."""

@@ -66,14 +66,10 @@ class RetrievalJudge:
                                         progress=False, cache_dir=cache_dir, desc="reference")
 
     def __call__(self, images: list[Image.Image]) -> dict:
-        from mars.metrics import retrieval
+        from mars.metrics import pixel_features, retrieval
 
-        pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))  # (B, H, W, 3)
-        pixels = pixels.permute(0, 3, 1, 2).float()  # (B, 3, H, W), 0-255 as a saved PNG holds them
-        self.model.to(self.device)
-        with torch.inference_mode():
-            features = np.concatenate([self.model(chunk.to(self.device)).cpu().numpy()
-                                       for chunk in pixels.split(self.batch_size)])  # (B, 2048)
+        pixels = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+        features = pixel_features(pixels.float(), self.model, self.batch_size, self.device)  # (B, 2048)
         found = retrieval(features, self.keys, self.gallery, self.gallery_keys)
         return {"top1": found["top1"], "top5": found["top5"], "n": len(images),
                 "score": (found["top1"] + found["top5"]) / 2}

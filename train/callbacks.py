@@ -357,7 +357,7 @@ class RetrievalEvalCallback(L.Callback):
 
     def score(self, trainer, pl_module) -> dict:
         """Sample the concepts' captions, rank the images against the reference, log and write the results."""
-        from mars.metrics import extract_features, fid_kid, keys_of, retrieval
+        from mars.metrics import extract_features, fid_kid, keys_of, pixel_features, retrieval
         from vq import tensor_to_images
 
         step = trainer.global_step
@@ -371,9 +371,7 @@ class RetrievalEvalCallback(L.Callback):
         images = sample_images(trainer, pl_module, [text for _, text, _ in rows], self.vq, self.sampling, self.seed,
                                self.batch_size)  # (B, 3, H, W) in [-1, 1]
         pixels = ((images.clamp(-1, 1) + 1) * 127.5).round()  # what a saved PNG holds
-        self.features.to(device)
-        fake = np.concatenate([self.features(chunk.to(device)).cpu().numpy()
-                               for chunk in pixels.split(self.batch_size)])  # (B, 2048)
+        fake = pixel_features(pixels, self.features, self.batch_size, device)  # (B, 2048)
         real, gallery_keys = self.reference_features, [keys_of(item) for item in self.gallery]
         summary = {"step": step, "train_minutes": round(self._trained / 60, 2), "concepts": len(self.concepts),
                    "sampling": self.sampling, **fid_kid(real, fake)}

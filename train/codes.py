@@ -37,8 +37,8 @@ Reading:
 
 Training data is a pure function of the global sample position p (the p-th sample the run
 consumes, over all ranks): epoch p // N_train, a permutation seeded by (seed, epoch) (a weighted
-draw under concept_balance), and a caption drawn with rng (seed, p). A resumed run therefore sees exactly the batches an
-uninterrupted one would: `CodesDataModule` starts its stream at batch
+draw under concept_balance), and a caption drawn with rng (seed, p). A resumed run therefore sees
+exactly the batches an uninterrupted one would: `CodesDataModule` starts its stream at batch
 `trainer.global_step * accumulate_grad_batches` (see `IndexedBatches`).
 
     python -m train.codes --vq checkpoints/mars-shapes/vq --out runs/shapes/codes --n 20000 --sizes 128 256
@@ -139,9 +139,11 @@ class ShapesBatches(torch.utils.data.Dataset):
         return images, [{"category": category, "captions": captions} for _, category, captions in items]
 
 
-def item_captions(item: dict) -> dict[str, str]:
-    """A folder/WebDataset item's captions in the codes format: its `caption`, and its `caption_zh` when it has one."""
-    return {"caption_en": item["caption"]} | ({"caption_zh": item["caption_zh"]} if item.get("caption_zh") else {})
+def item_record(item: dict) -> dict:
+    """A folder/WebDataset item's codes record: its `caption` (and `caption_zh` when it has one) in the codes
+    format, and its `concept` when it has one."""
+    captions = {"caption_en": item["caption"]} | ({"caption_zh": item["caption_zh"]} if item.get("caption_zh") else {})
+    return {"category": None, "captions": captions} | ({"concept": item["concept"]} if item.get("concept") else {})
 
 
 def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) -> Iterator[tuple[dict, list[dict]]]:
@@ -152,8 +154,7 @@ def _dataset_batches(dataset, n: int | None, sizes: list[int], batch_size: int) 
         full = torch.stack([x["image"] for x in buffer])  # (B, 3, S, S)
         images = {size: full if size == max(sizes) else
                   interpolate(full, size=(size, size), mode="bicubic", antialias=True).clamp(-1, 1) for size in sizes}
-        return images, [{"category": None, "captions": item_captions(x)} | ({"concept": x["concept"]} if x.get("concept")
-                                                                            else {}) for x in buffer]
+        return images, [item_record(x) for x in buffer]
 
     buffer, count = [], 0
     # A map-style set is read by index: ImageCaptionFolder wraps indices around, so never iterate it.

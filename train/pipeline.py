@@ -386,10 +386,11 @@ class Runner:
                           if name in (DATA_STAGE, "text", "vq", "superres") and name not in stages}}
 
     def example_prompts(self) -> list[str]:
-        """The bundle's examples, which it must draw before the run calls it done: shapes prompts, or captions
-        of two of a folder's training records (drawn with seed 0), each in English and, when it has one, Chinese."""
+        """A folder run's bundle examples (the app shows them): captions of two of its training records (drawn
+        with seed 0), each in English and, when it has one, Chinese. None for a shapes run: the app's own
+        examples are shapes-world prompts."""
         if not self.folder:
-            return ["a red circle to the left of a blue square", "两个绿色的三角形"]
+            return []
         import numpy as np
 
         from train.data import read_listing
@@ -409,10 +410,11 @@ class Runner:
                                        superres=self.products.get("superres"))
         pipe.sampling = self.tune_sampling(pipe.to(self.device))
         provenance["stage_seconds"]["tune"] = round(time.perf_counter() - start, 1)
-        pipe.examples = prompts = self.example_prompts()
+        pipe.examples = self.example_prompts()
         bundle = pipe.to("cpu").save_pretrained(self.out / "bundle", dtype=torch.float16,  # fp16: half the size
                                                 provenance=provenance)
         with torch.inference_mode():  # prove it loads and samples before calling it done
+            prompts = pipe.examples or ["a red circle"]
             image = MarsPipeline.from_pretrained(bundle)(prompts, generator=torch.Generator().manual_seed(0))
         print(f"[pipeline] bundle written to {bundle} (sample images {image.images[0].size[0]} px from "
               f"{' / '.join(map(repr, prompts))})")

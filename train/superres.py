@@ -53,9 +53,9 @@ class SuperResCodesDataModule(CodesDataModule):
     def __init__(self, path: str, low_size: int = 128, high_size: int = 256, batch_size: int = 16,
                  captions: str = "mixed", lang: str = "both", val_items: int = 64, val_batches: int = 2,
                  seed: int = 0, num_workers: int = 0, strict_captions: bool = False,
-                 category_weights: dict[str, float] | None = None):
+                 category_weights: dict[str, float] | None = None, concept_balance: float = 0.0):
         super().__init__(path, batch_size, (low_size, high_size), captions, lang, val_items, val_batches, seed,
-                         num_workers, strict_captions, category_weights)
+                         num_workers, strict_captions, category_weights, concept_balance)
         # save_hyperparameters (in the parent) records this class's arguments, which name no `sizes`.
         self.hparams["sizes"] = (low_size, high_size)
         self.low_size, self.high_size = low_size, high_size

@@ -28,6 +28,9 @@ from mars.shapes import LANGS, score, summarize
 # Sampler settings tried by tune_sampling, and the prompt seed it uses: not the evaluation's (0), so
 # the reported accuracy comes from prompts the settings were not chosen on.
 TUNING_GRID = {"guidance_scale": (2.0, 3.0, 5.0), "temperature": (0.7, 1.0), "top_k": (0, 16)}
+# An image folder's model draws a named concept by recalling its training images, and strong guidance
+# pushes a recalled image off its codes; a folder run's tuning therefore tries no and mild guidance too.
+RETRIEVAL_TUNING_GRID = {"guidance_scale": (1.0, 1.5, 2.0, 3.0), "temperature": (0.7, 1.0), "top_k": (0, 16)}
 TUNING_CANDIDATES = (1, 8)
 TUNING_FINALISTS = 3  # single-sample winners rerun with each larger candidate count
 SUPERRES_TUNING_GRID = {"sr_guidance_scale": (1.0, 3.0), "sr_temperature": (0.0, 0.7)}

@@ -349,14 +349,16 @@ class Runner:
         does not draw (seed mars.tuning.TUNING_SEED), then super-resolution's (SUPERRES_TUNING_GRID) on the
         upsampled images; every setting's scores go to DIR/sampling.json. A shapes run scores category prompts
         with the shapes scorer; a folder run scores captions of its training records by concept retrieval
-        among the training images (mars.tuning.RetrievalJudge, features kept in DIR/features)."""
-        from mars.tuning import RetrievalJudge, tune_sampling, tune_superres
+        among the training images (mars.tuning.RetrievalJudge, features kept in DIR/features) over
+        RETRIEVAL_TUNING_GRID."""
+        from mars.tuning import RETRIEVAL_TUNING_GRID, RetrievalJudge, tune_sampling, tune_superres
 
         smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)},
                      candidates=(1, 2))
         options = smoke if self.smoke else {}
         judge = None
         if self.folder:
+            options = options or {"grid": RETRIEVAL_TUNING_GRID}
             judge = RetrievalJudge(self.folder_parts[0], n=options.get("n", 96), cache_dir=self.out / "features",
                                    device=self.device)
         results = tune_sampling(pipe, judge=judge, **options)

@@ -427,13 +427,17 @@ def set_codebook(path: Path, size: int) -> None:
     (lambda b: set_index(b, sha256={"../../elsewhere.safetensors": "0" * 64}), ValueError,
      "model_index.json is corrupt (sha256 must map paths inside the bundle to hex digests)"),
 ])
-def test_damaged_swapped_or_newer_bundles_are_refused_before_loading(tiny_bundle, tmp_path, edit, kind, message):
+def test_damaged_swapped_or_newer_bundles_are_refused_before_loading(tiny_bundle, tmp_path, monkeypatch, edit, kind,
+                                                                     message):
     bundle = edited_bundle(tiny_bundle, tmp_path, edit)
-    started = time.perf_counter()
+
+    def load(*args, **kwargs):
+        raise AssertionError("a refused bundle must not reach loading")
+
+    monkeypatch.setattr(MarsPipeline, "from_parts", load)  # refused from the index and the digests alone
     with pytest.raises(kind) as caught:
         MarsPipeline.from_pretrained(bundle)
     assert message in str(caught.value) and "\n" not in str(caught.value)
-    assert time.perf_counter() - started < 0.5  # refused from the index and the digests, not after loading
 
 
 def test_a_config_that_does_not_match_its_weights_is_one_line(tiny_bundle, tmp_path):
@@ -454,18 +458,13 @@ def test_saved_bundles_record_every_weight_digest_and_older_ones_still_load(tiny
     assert MarsPipeline.from_pretrained(older).image_size == 128  # nothing recorded, nothing checked
 
 
-def test_the_shipped_bundle_records_its_digests_and_verifies_fast():
+def test_the_shipped_bundle_records_the_digests_of_its_weights():
     from mars.pipeline import verify_weights, weight_digests
 
     bundle = REPO / "checkpoints" / "mars-shapes"
     recorded = json.loads((bundle / INDEX_FILE).read_text())["sha256"]
     assert recorded == weight_digests(bundle) and len(recorded) == 5
-    seconds = []
-    for _ in range(3):  # the best of three: a busy machine should not fail the check
-        started = time.perf_counter()
-        verify_weights(bundle, recorded)
-        seconds.append(time.perf_counter() - started)
-    assert min(seconds) < 0.1  # 0.02 s measured on 2 CPU cores
+    verify_weights(bundle, recorded)
 
 
 # --- the app ---------------------------------------------------------------------------------------------

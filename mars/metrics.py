@@ -289,12 +289,13 @@ def concepts_of(generated: list[Item], reference: list[Item]) -> list[Keys]:
     return out
 
 
-def pick_concepts(items: list[Item], n: int, seed: int = 0) -> list[Item]:
+def pick_concepts(items: list, n: int, seed: int = 0, concept: Callable | None = None) -> list:
     """One item each of `n` concepts of `items` (all of them when there are fewer), drawn with `seed` alone
-    (never the global RNG), in concept order: a fixed set to follow retrieval on while a model trains."""
-    by_concept: dict[str, list[Item]] = {}
+    (never the global RNG), in concept order: a fixed set to follow retrieval on while a model trains.
+    `concept(item)` names an item's concept (default: an Item's, keys_of)."""
+    by_concept: dict[str, list] = {}
     for item in items:
-        by_concept.setdefault(keys_of(item).concept, []).append(item)
+        by_concept.setdefault(concept(item) if concept else keys_of(item).concept, []).append(item)
     names = sorted(by_concept)
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(names), size=min(n, len(names)), replace=False).tolist())

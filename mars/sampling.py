@@ -113,12 +113,13 @@ class DecodePlan:
 def generate(model: MarsModel, prefixes: Sequence[Sequence[int]], *, uncond_prefixes: Sequence[Sequence[int]] | None = None,
              guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
              generator: torch.Generator | None = None, callback: StepCallback | None = None,
-             return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             return_logits: bool = False, first_codes: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Sample one image grid per prefix (token ids ending in <boi>) -> codes (B, h*w).
 
     With `uncond_prefixes` the unconditional rows join the batch and the logits are guided:
     cond + (scale - 1) * (cond - uncond), which is exactly `cond` at scale 1. `return_logits`
-    also returns the guided logits of every step (B, h*w, codebook).
+    also returns the guided logits of every step (B, h*w, codebook). `first_codes` (B, k): the
+    image's first k codes in raster order, taken as given; the rest are sampled to follow them.
     """
     if uncond_prefixes is not None and len(uncond_prefixes) != len(prefixes):
         raise ValueError(f"{len(uncond_prefixes)} uncond_prefixes for {len(prefixes)} prefixes: give one per prefix")
@@ -127,6 +128,9 @@ def generate(model: MarsModel, prefixes: Sequence[Sequence[int]], *, uncond_pref
         raise ValueError(f"every prefix must end with <boi> (token id {model.boi_token_id}); "
                          "generate_images adds it to plain prompts")
     batch, num_codes = len(prefixes), model.config.num_image_tokens
+    given = 0 if first_codes is None else first_codes.shape[1]
+    if first_codes is not None and (first_codes.shape[0] != batch or given > num_codes):
+        raise ValueError(f"first_codes has shape {tuple(first_codes.shape)}: give (batch {batch}, at most {num_codes})")
     copies = len(rows) // batch
     device = model.image_head.weight.device
     plan = DecodePlan(model, rows, num_codes, device, codes=True)
@@ -139,7 +143,8 @@ def generate(model: MarsModel, prefixes: Sequence[Sequence[int]], *, uncond_pref
             logits = guided(logits, batch, guidance_scale)
         if return_logits:
             all_logits.append(logits)
-        codes[:, step] = sample_logits(logits, temperature, top_k, top_p, generator)
+        codes[:, step] = first_codes[:, step] if step < given else sample_logits(logits, temperature, top_k, top_p,
+                                                                                   generator)
         if callback is not None:
             callback(step, num_codes, codes[:, :step + 1])
         if step + 1 == num_codes:
@@ -154,16 +159,18 @@ def generate(model: MarsModel, prefixes: Sequence[Sequence[int]], *, uncond_pref
 def generate_images(model: MarsModel, prompts: Sequence[str] | Sequence[Sequence[int]], tokenizer=None, *,
                     guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                     top_p: float = 1.0, generator: torch.Generator | None = None,
-                    callback: StepCallback | None = None) -> Tensor:
+                    callback: StepCallback | None = None, first_codes: Tensor | None = None) -> Tensor:
     """Prompts (strings + tokenizer, or token-id lists) -> image codes (B, h, w) for the VQ decoder.
 
-    guidance_scale != 1 turns on classifier-free guidance against the empty prompt.
+    guidance_scale != 1 turns on classifier-free guidance against the empty prompt; first_codes (B, k)
+    fixes the first k codes (generate).
     """
     prompt_ids = encode_texts(model, prompts, tokenizer)
     prefixes = [ids + [model.boi_token_id] for ids in prompt_ids]
     uncond = [[model.boi_token_id]] * len(prefixes) if guidance_scale != 1.0 else None
     codes = generate(model, prefixes, uncond_prefixes=uncond, guidance_scale=guidance_scale,
-                     temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, callback=callback)
+                     temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, callback=callback,
+                     first_codes=first_codes)
     return codes.view(len(prefixes), *model.config.image_grid)
 
 
@@ -203,6 +210,21 @@ def caption_images(model: MarsModel, codes: Tensor, **kwargs) -> list[list[int]]
     boi = torch.full((len(codes), 1), model.boi_token_id, dtype=torch.long, device=codes.device)
     eoi = torch.full_like(boi, model.eoi_token_id)
     return generate_text(model, torch.cat([boi, image, eoi], dim=1).tolist(), **kwargs)
+
+
+@torch.no_grad()
+def image_nll(model: MarsModel, token_ids: Sequence[Sequence[int]], codes: Tensor) -> Tensor:
+    """One caption per image and codes (B, h, w) -> (B, h*w): -log p(code | caption, the codes before it)
+    of every cell under the text-to-image direction, teacher-forced in one forward pass."""
+    batch = build_batch(model, [list(ids) for ids in token_ids], codes.cpu(), task="t2i")  # right-padded
+    batch = {key: value.to(codes.device) for key, value in batch.items()}
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1, D)
+    targets = batch["labels"][:, 1:]
+    on_codes = model.is_code(targets)  # (B, T-1): h*w cells a row
+    with model.model.autocast():
+        logits = model.image_head(hidden[on_codes]).float()  # (B*h*w, codebook)
+    nll = nn.functional.cross_entropy(logits, targets[on_codes] - model.image_token_offset, reduction="none")
+    return nll.view(len(codes), -1)
 
 
 @torch.no_grad()

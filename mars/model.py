@@ -100,22 +100,25 @@ def configure_memory(model: nn.Module, memory: MemoryConfig) -> nn.Module:
     return model
 
 
-def _chunk_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(head(hidden), targets, reduction="sum")
+def _chunk_nll(head: nn.Module, hidden: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+    if weights is None:
+        return F.cross_entropy(head(hidden), targets, reduction="sum")
+    return (F.cross_entropy(head(hidden), targets, reduction="none") * weights).sum()
 
 
-def head_nll(head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int = 0) -> Tensor:
-    """Summed cross-entropy of head(hidden) (N, D) against targets (N,).
+def head_nll(head: nn.Module, hidden: Tensor, targets: Tensor, chunk: int = 0, weights: Tensor | None = None) -> Tensor:
+    """Summed cross-entropy of head(hidden) (N, D) against targets (N,), each row times `weights` (N,) if given.
 
     chunk > 0: `chunk` rows at a time, each chunk's logits recomputed in backward (checkpoint), so
     at most (chunk, V) logits and their gradient exist at once instead of (N, V); 0: one piece.
     """
     if chunk <= 0 or len(hidden) <= chunk:
-        return _chunk_nll(head, hidden, targets)
+        return _chunk_nll(head, hidden, targets, weights)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(hidden), chunk):
         piece = slice(start, start + chunk)
-        total = total + checkpoint(_chunk_nll, head, hidden[piece], targets[piece], use_reentrant=False)
+        total = total + checkpoint(_chunk_nll, head, hidden[piece], targets[piece],
+                                   None if weights is None else weights[piece], use_reentrant=False)
     return total
 
 
@@ -366,24 +369,34 @@ class MarsModel(nn.Module):
         return self.model(x, router, attention_mask=attention_mask, cache=cache, rope=rope)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                labels: Tensor | None = None, cache: KVCache | None = None, codes_before: int = 0) -> MarsOutput:
+                labels: Tensor | None = None, cache: KVCache | None = None, codes_before: int = 0,
+                cell_weights: Tensor | None = None) -> MarsOutput:
         """Without labels: text and image logits at every position. With labels (B, T), HF-style
-        unshifted token ids with -100 for no loss: the loss only (heads run on labelled rows)."""
+        unshifted token ids with -100 for no loss: the loss only (heads run on labelled rows), its
+        image part weighted by `cell_weights` (see `loss`)."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache, codes_before)
         with self.model.autocast():  # the frozen lm_head may be bf16 beside an fp32 hidden state
             if labels is None:
                 return MarsOutput(logits=self.lm_head(hidden), image_logits=self.image_head(hidden))
-            return self.loss(hidden, labels)
+            return self.loss(hidden, labels, cell_weights)
 
-    def loss(self, hidden: Tensor, labels: Tensor) -> MarsOutput:
+    def loss(self, hidden: Tensor, labels: Tensor, cell_weights: Tensor | None = None) -> MarsOutput:
         """Heads on labelled positions only: a (B, T, 151936) text-logit tensor never exists, only
-        (caption positions, V), or (loss_chunk, V) at a time with `loss_chunk`."""
+        (caption positions, V), or (loss_chunk, V) at a time with `loss_chunk`.
+
+        cell_weights (h*w,): how much the code of each raster cell counts; the image loss is then the
+        weighted mean. An image's labelled codes are its cells in raster order."""
         hidden, targets = hidden[:, :-1], labels[:, 1:]  # position t predicts token t + 1
         code_rows, text_rows = self.is_code(targets), (targets >= 0) & (targets < self.image_token_offset)
+        weights, num_codes = None, code_rows.sum()
+        if cell_weights is not None:
+            cells = code_rows.long().cumsum(1) - 1  # (B, T - 1): each code's raster cell
+            weights = cell_weights.to(hidden.device, torch.float32)[cells[code_rows]]
+            num_codes = weights.sum()
         image_nll = head_nll(self.image_head, hidden[code_rows], targets[code_rows] - self.image_token_offset,
-                             self.loss_chunk)
+                             self.loss_chunk, weights)
         text_nll = head_nll(self.lm_head, hidden[text_rows], targets[text_rows], self.loss_chunk)
-        num_codes, num_text = code_rows.sum(), text_rows.sum()
+        num_text = text_rows.sum()
         return MarsOutput(loss=(image_nll + text_nll) / (num_codes + num_text).clamp(min=1),
                           image_loss=image_nll / num_codes.clamp(min=1), text_loss=text_nll / num_text.clamp(min=1))
 

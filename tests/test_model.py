@@ -185,6 +185,27 @@ def test_parameter_report_matches_qwen2_5_0_5b_arithmetic():
     assert report == {"total": qwen + trainable, "frozen": qwen, "trainable": trainable}
 
 
+def test_cell_weights_weigh_each_raster_cell_of_the_image_loss():
+    _, model = tiny("tiny-qwen2", image_grid=(2, 2))
+    codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]]])
+    batch = build_batch(model, [[5, 6, 7], [8]], codes)
+    hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+    targets = batch["labels"][:, 1:]
+    rows = model.is_code(targets)
+    per_code = torch.nn.functional.cross_entropy(model.image_head(hidden[:, :-1][rows]),
+                                                 targets[rows] - model.image_token_offset, reduction="none").view(2, 4)
+    plain = model.loss(hidden, batch["labels"])
+    torch.testing.assert_close(model.loss(hidden, batch["labels"], torch.ones(4)).image_loss, plain.image_loss)
+    weights = torch.tensor([3.0, 1.0, 0.0, 2.0])  # cell 0 thrice, cell 2 not at all
+    weighted = model.loss(hidden, batch["labels"], weights)
+    torch.testing.assert_close(weighted.image_loss, (per_code * weights).sum() / (2 * weights.sum()))
+    model.loss_chunk = 3  # chunked heads weigh the same rows alike
+    torch.testing.assert_close(model.loss(hidden, batch["labels"], weights).image_loss, weighted.image_loss)
+    model.loss_chunk = 0
+    out = model(**batch, cell_weights=weights)
+    torch.testing.assert_close(out.image_loss, weighted.image_loss)
+
+
 def test_build_batch_sequences_labels_and_caption_dropout():
     _, model = tiny("tiny-qwen2", image_grid=(2, 2))
     codes = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [6, 7]]])

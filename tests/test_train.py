@@ -336,6 +336,30 @@ def test_stage_batches_mix_tasks_by_the_batch_seed(world):
         module.batch_codes({"codes_256": batch["codes_256"]})
 
 
+def test_first_codes_weigh_more_in_training_only(world):
+    code_set = CodeSet.load(world["codes"])
+    batch = CodeBatches(CodeSampler(code_set, range(80), 0, "mixed", "both"), 4, (128, 256)).make_batch(0)
+    torch.manual_seed(0)
+    plain = MarsLitModule(str(world["text"]), codebook_size=64)
+    torch.manual_seed(0)
+    heavy = MarsLitModule(str(world["text"]), codebook_size=64, first_codes=8, first_codes_weight=4.0)
+    assert plain.cell_weights is None and heavy.cell_weights.tolist() == [4.0] * 8 + [1.0] * 56
+    heavy.load_state_dict(plain.state_dict())
+    tensors, _ = plain.sequences(batch, 0.0, 0.0)
+    hidden = plain.model.hidden_states(tensors["input_ids"], tensors["attention_mask"])
+    targets = tensors["labels"][:, 1:]
+    rows = plain.model.is_code(targets)
+    per_code = torch.nn.functional.cross_entropy(plain.model.image_head(hidden[:, :-1][rows]),
+                                                 targets[rows] - plain.model.image_token_offset,
+                                                 reduction="none").view(4, 64)  # (B, h*w)
+    first, rest = per_code[:, :8].sum(), per_code[:, 8:].sum()
+    trained = heavy.shared_step(batch, 0.0, 0.0, heavy.cell_weights)["image_loss"]
+    torch.testing.assert_close(trained, (4.0 * first + rest) / (4 * (4 * 8 + 56)))
+    torch.testing.assert_close(heavy.shared_step(batch, 0.0, 0.0)["image_loss"], per_code.mean())  # validation
+    with pytest.raises(ValueError, match="first_codes=65 must lie in"):
+        MarsLitModule(str(world["text"]), codebook_size=64, first_codes=65)
+
+
 # --- the NaN guard -------------------------------------------------------------------------------
 
 class NaNAtStep(L.LightningModule):

@@ -241,17 +241,22 @@ class MarsLitModule(L.LightningModule):
     def __init__(self, text_model: str, tokenizer: str | None = None, codebook_size: int = 1024,
                  image_grid: tuple[int, int] = (8, 8), visual_norms: bool = False, image_pos_2d: bool = True,
                  image_rope_2d: bool = False, init_from: str | None = None, i2t_ratio: float = 0.0, caption_dropout: float = 0.0,
+                 first_codes: int = 0, first_codes_weight: float = 1.0,
                  optim: OptimConfig | None = None, memory: MemoryConfig | None = None, export_dir: str | None = None):
         super().__init__()
         if not 0.0 <= i2t_ratio <= 1.0 or not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"i2t_ratio={i2t_ratio} must lie in [0, 1] and caption_dropout={caption_dropout} "
                              "in [0, 1)")
+        if not 0 <= first_codes <= image_grid[0] * image_grid[1] or not first_codes_weight > 0:
+            raise ValueError(f"first_codes={first_codes} must lie in [0, {image_grid[0] * image_grid[1]}] (the image's "
+                             f"codes) and first_codes_weight={first_codes_weight} be > 0")
         self.optim = optim or OptimConfig()
         self.memory = memory or MemoryConfig()
         self.save_hyperparameters({
             "text_model": text_model, "tokenizer": tokenizer, "codebook_size": codebook_size,
             "image_grid": list(image_grid), "visual_norms": visual_norms, "image_pos_2d": image_pos_2d,
             "image_rope_2d": image_rope_2d, "init_from": init_from, "i2t_ratio": i2t_ratio, "caption_dropout": caption_dropout,
+            "first_codes": first_codes, "first_codes_weight": first_codes_weight,
             "optim": asdict(self.optim), "memory": asdict(self.memory), "export_dir": export_dir})
         # Loaded straight in the frozen dtype (bf16: a downloaded Qwen is never widened to fp32 whole);
         # configure_memory then makes the experts fp32 master weights whatever the directory's dtype.
@@ -260,6 +265,12 @@ class MarsLitModule(L.LightningModule):
                                          image_rope_2d=image_rope_2d,
                                          dtype=getattr(torch, self.memory.frozen_dtype))
         configure_memory(self.model, self.memory)
+        # Training weighs the codes of the first `first_codes` raster cells `first_codes_weight` times: they
+        # decide which image follows, and only the caption can tell them (docs/emoji.md). Validation does not.
+        self.cell_weights = None
+        if first_codes and first_codes_weight != 1.0:
+            self.cell_weights = torch.ones(image_grid[0] * image_grid[1])  # (h*w,)
+            self.cell_weights[:first_codes] = first_codes_weight
         self.model.train()  # from_pretrained leaves the Qwen in eval mode; the experts are its copies
         self.prompt_tokenizer = PromptTokenizer.from_pretrained(tokenizer or text_model)
         # Checkpoints hold the trainable tensors only; the frozen Qwen comes from text_model.
@@ -345,16 +356,17 @@ class MarsLitModule(L.LightningModule):
         merged = concat_batches(parts, self.prompt_tokenizer.pad_id)
         return {key: value.to(self.device) for key, value in merged.items()}, sum(is_i2t) / len(is_i2t)
 
-    def shared_step(self, batch: dict, i2t_ratio: float, caption_dropout: float) -> dict[str, Tensor]:
+    def shared_step(self, batch: dict, i2t_ratio: float, caption_dropout: float,
+                    cell_weights: Tensor | None = None) -> dict[str, Tensor]:
         tensors, i2t_share = self.sequences(batch, i2t_ratio, caption_dropout)
-        out = self.model(**tensors)
+        out = self.model(**tensors, cell_weights=cell_weights)
         # Per-task means weighted by the task's share of rows: 64 image codes do not drown a caption.
         loss = (1.0 - i2t_share) * out.image_loss + i2t_share * out.text_loss
         return {"loss": loss, "image_loss": out.image_loss, "text_loss": out.text_loss}
 
     def training_step(self, batch, batch_idx):
         h = self.hparams
-        losses = self.shared_step(batch, h.i2t_ratio, h.caption_dropout)
+        losses = self.shared_step(batch, h.i2t_ratio, h.caption_dropout, self.cell_weights)
         size = len(batch["caption"])
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
         if 0 < h.i2t_ratio < 1:

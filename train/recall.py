@@ -53,7 +53,7 @@ def training_items(code_set) -> list[int]:
 
 
 def concept_of(record: dict) -> str:
-    """A codes record's concept: its `concept`, else its English caption (mars.metrics.keys_of does the same)."""
+    """A codes record's concept: its `concept`, else its English caption (as mars.metrics.keys_of, unnormalised)."""
     return record.get("concept") or record["captions"].get("caption_en", "")
 
 
@@ -85,6 +85,7 @@ def recall(pipe, code_set, items: list[int], settings=SETTINGS, first_codes: int
     prompts = [(lang, i, code_set.records[i]["captions"][f"caption_{lang}"]) for lang in languages for i in items]
     ids = pipe.encode_prompts([text for _, _, text in prompts], super_resolution=False)
     wanted = torch.tensor([position[i] for _, i, _ in prompts], device=device)
+    in_language = {lang: torch.tensor([p[0] == lang for p in prompts]) for lang in languages}
     report = {"concepts": len(items), "languages": languages, "training_items": len(train), "settings": []}
     for given in sorted({0, first_codes}):
         for guidance, temperature in settings:
@@ -100,8 +101,7 @@ def recall(pipe, code_set, items: list[int], settings=SETTINGS, first_codes: int
             row = {"guidance_scale": guidance, "temperature": temperature, "first_codes": given,
                    "match": match.float().mean().item(), "same": (nearest == wanted).float().mean().item(),
                    "agreement": agreement.mean().item(), "seconds": round(time.perf_counter() - start, 1)}
-            for lang in languages:
-                mine = torch.tensor([p[0] == lang for p in prompts])
+            for lang, mine in in_language.items():
                 row[f"match_{lang}"] = match[mine].float().mean().item()
             report["settings"].append(row)
     width = grid[1]

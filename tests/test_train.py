@@ -360,6 +360,28 @@ def test_first_codes_weigh_more_in_training_only(world):
         MarsLitModule(str(world["text"]), codebook_size=64, first_codes=65)
 
 
+def test_a_compiled_step_matches_the_eager_one(world):
+    """compile=True: the same losses and gradients as eager (fp32), and the same checkpoint keys."""
+    code_set = CodeSet.load(world["codes"])
+    batch = CodeBatches(CodeSampler(code_set, range(80), 0, "mixed", "both"), 4, (128, 256)).make_batch(0)
+    torch.manual_seed(0)
+    eager = MarsLitModule(str(world["text"]), codebook_size=64, i2t_ratio=0.5, first_codes=8, first_codes_weight=4.0)
+    compiled = MarsLitModule(str(world["text"]), codebook_size=64, i2t_ratio=0.5, first_codes=8,
+                             first_codes_weight=4.0, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    assert compiled.compiled_forward is not None and eager.compiled_forward is None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    losses, grads = [], []
+    for module in (eager, compiled):
+        losses.append(module.shared_step(batch, 0.5, 0.0, module.cell_weights))
+        losses[-1]["loss"].backward()
+        grads.append({n: p.grad for n, p in module.model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(losses[1], losses[0])  # loss, image_loss, text_loss
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
 # --- the NaN guard -------------------------------------------------------------------------------
 
 class NaNAtStep(L.LightningModule):

@@ -51,6 +51,22 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
 
 
+def can_compile() -> bool:
+    """Whether torch.compile can build kernels here: on a GPU, or on a CPU with the C++ compiler inductor
+    looks for ($CXX, else g++). Says in one line when it cannot."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return True
+    except Exception:  # inductor's own search failed, whatever it raised
+        print("[train] compile=True needs a C++ compiler on a CPU (apt-get install g++, or set CXX): training "
+              "without torch.compile")
+        return False
+
+
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
     """LR multiplier: linear warm-up, then cosine down to `floor` at `total` steps."""
     if step < warmup:
@@ -236,12 +252,15 @@ class MarsLitModule(L.LightningModule):
     (mars_config.json beside mars_trainable.safetensors) or a Lightning checkpoint of this module.
     memory: the memory levers (mars.config.MemoryConfig); the trainable weights are fp32 whatever
     the Qwen directory's dtype (a downloaded Qwen is bf16), the frozen ones `memory.frozen_dtype`.
+    compile: run training and validation steps through torch.compile (dynamic shapes: captions vary in
+    length): the first step compiles (a minute or two on a CPU), the later ones run faster
+    (docs/benchmarks.md). A CPU-only machine without a C++ compiler, which inductor needs, trains eagerly.
     """
 
     def __init__(self, text_model: str, tokenizer: str | None = None, codebook_size: int = 1024,
                  image_grid: tuple[int, int] = (8, 8), visual_norms: bool = False, image_pos_2d: bool = True,
                  image_rope_2d: bool = False, init_from: str | None = None, i2t_ratio: float = 0.0, caption_dropout: float = 0.0,
-                 first_codes: int = 0, first_codes_weight: float = 1.0,
+                 first_codes: int = 0, first_codes_weight: float = 1.0, compile: bool = False,
                  optim: OptimConfig | None = None, memory: MemoryConfig | None = None, export_dir: str | None = None):
         super().__init__()
         if not 0.0 <= i2t_ratio <= 1.0 or not 0.0 <= caption_dropout < 1.0:
@@ -256,7 +275,7 @@ class MarsLitModule(L.LightningModule):
             "text_model": text_model, "tokenizer": tokenizer, "codebook_size": codebook_size,
             "image_grid": list(image_grid), "visual_norms": visual_norms, "image_pos_2d": image_pos_2d,
             "image_rope_2d": image_rope_2d, "init_from": init_from, "i2t_ratio": i2t_ratio, "caption_dropout": caption_dropout,
-            "first_codes": first_codes, "first_codes_weight": first_codes_weight,
+            "first_codes": first_codes, "first_codes_weight": first_codes_weight, "compile": compile,
             "optim": asdict(self.optim), "memory": asdict(self.memory), "export_dir": export_dir})
         # Loaded straight in the frozen dtype (bf16: a downloaded Qwen is never widened to fp32 whole);
         # configure_memory then makes the experts fp32 master weights whatever the directory's dtype.
@@ -272,6 +291,10 @@ class MarsLitModule(L.LightningModule):
             self.cell_weights = torch.ones(image_grid[0] * image_grid[1])  # (h*w,)
             self.cell_weights[:first_codes] = first_codes_weight
         self.model.train()  # from_pretrained leaves the Qwen in eval mode; the experts are its copies
+        # A compiled bound method, not a compiled module: a module attribute would enter the state dict twice.
+        self.compiled_forward = None
+        if compile and can_compile():
+            self.compiled_forward = torch.compile(self.model.forward, dynamic=True)
         self.prompt_tokenizer = PromptTokenizer.from_pretrained(tokenizer or text_model)
         # Checkpoints hold the trainable tensors only; the frozen Qwen comes from text_model.
         self.strict_loading = False
@@ -318,6 +341,8 @@ class MarsLitModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.device_mesh is not None:  # MarsFSDPStrategy (ModelParallelStrategy): shard with FSDP2
+            if self.compiled_forward is not None:  # it calls forward past the hooks FSDP puts on the module
+                raise ValueError("compile=True cannot run under MarsFSDPStrategy: set model.init_args.compile false")
             if self.device_mesh["tensor_parallel"].size() > 1:
                 raise ValueError("MARS shards with FSDP only: set tensor_parallel_size=1 (MarsFSDPStrategy does)")
             shard_layers(self.model, self.model.model.layers, self.device_mesh["data_parallel"])
@@ -359,7 +384,7 @@ class MarsLitModule(L.LightningModule):
     def shared_step(self, batch: dict, i2t_ratio: float, caption_dropout: float,
                     cell_weights: Tensor | None = None) -> dict[str, Tensor]:
         tensors, i2t_share = self.sequences(batch, i2t_ratio, caption_dropout)
-        out = self.model(**tensors, cell_weights=cell_weights)
+        out = (self.compiled_forward or self.model)(**tensors, cell_weights=cell_weights)
         # Per-task means weighted by the task's share of rows: 64 image codes do not drown a caption.
         loss = (1.0 - i2t_share) * out.image_loss + i2t_share * out.text_loss
         return {"loss": loss, "image_loss": out.image_loss, "text_loss": out.text_loss}

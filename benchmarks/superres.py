@@ -51,25 +51,26 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-# A preset's image grid at its base size: shapes 128 px through f = 16, emoji 128 px through f = 8.
-PRESET_GRIDS = {"shipped": (8, 8), "emoji": (16, 16)}
+# bench_config's named models: the preset whose YAMLs give the architecture, and its base image grid
+# (shapes: 128 px through f = 16; emoji: 128 px through f = 8).
+PRESET_MODELS = {"shipped": ("shapes", (8, 8)), "emoji": ("emoji", (16, 16))}
 
 
 def bench_config(name: str) -> MarsConfig:
     """"shipped" (the shapes model) or "emoji": that preset's stage-0 text model architecture and its VQ's
     codebook size, read from their YAMLs (the trimmed vocabulary is built in training; 512 ids stand in,
-    they only feed the prompt), at PRESET_GRIDS' grid; else a MarsConfig preset at 8 x 8."""
-    if name not in PRESET_GRIDS:
+    they only feed the prompt), at PRESET_MODELS' grid; else a MarsConfig preset at 8 x 8."""
+    if name not in PRESET_MODELS:
         return MarsConfig.from_name(name, image_grid=(8, 8))
     import yaml
 
     def init_args(name: str) -> dict:
         return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
 
-    preset = "shapes" if name == "shipped" else name
+    preset, grid = PRESET_MODELS[name]
     text_config = {**init_args(f"{preset}_text.yaml")["text_config"], "vocab_size": 512, "eos_token_id": 1}
     return MarsConfig(codebook_size=init_args(f"{preset}_vq.yaml")["vq"]["codebook_size"],
-                      image_grid=PRESET_GRIDS[name], text_config=text_config)
+                      image_grid=grid, text_config=text_config)
 
 
 def speed(config_name: str, prompt_len: int, guidance_scale: float, repeats: int) -> dict[int, float]:

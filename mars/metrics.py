@@ -41,6 +41,7 @@ import argparse
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import re
 import sys
@@ -155,10 +156,16 @@ def extract_features(paths: list[Path], model: InceptionFeatures | None = None, 
                      prepare: Callable[[Image.Image], Image.Image] | None = None) -> np.ndarray:
     """(N, 2048) float32 features of the images at `paths` (each passed through `prepare` first, when
     given), `batch_size` images in memory at a time. With `cache_dir`, features of unprepared images are
-    kept there under a key of the paths, sizes, mtimes and model."""
+    kept there, one file for each folder's run of paths, under a key of its paths, sizes, mtimes and model:
+    a folder's features serve every list of folders it is part of (a gallery of train and test reuses
+    train's)."""
     model = model or InceptionFeatures()
     key = None
     if cache_dir is not None and prepare is None:
+        runs = [list(run) for _, run in itertools.groupby(paths, key=lambda path: path.parent)]
+        if len(runs) > 1:
+            return np.concatenate([extract_features(run, model, batch_size, device, progress, cache_dir, desc)
+                                   for run in runs])
         stamp = hashlib.sha256(model.digest.encode())
         for path in paths:
             stat = path.stat()

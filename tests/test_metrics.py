@@ -135,6 +135,31 @@ def test_tf1_resize_keeps_flat_images_flat():
     assert y.shape == (2, 3, 299, 299) and torch.allclose(y, torch.full_like(y, 200.0))
 
 
+class _MeanColour(torch.nn.Module):
+    """A stand-in feature model: an image's mean colour, counting the images it sees."""
+    digest = "mean-colour"
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x):  # (B, 3, 299, 299) -> (B, 3)
+        self.seen += len(x)
+        return x.mean(dim=(2, 3))
+
+
+def test_feature_cache_keeps_each_folder_apart(tmp_path):
+    a = _folder(tmp_path / "a", [{"file": f"{i}.png"} for i in range(3)], [_shape_image(i, "red") for i in range(3)])
+    b = _folder(tmp_path / "b", [{"file": f"{i}.png"} for i in range(2)], [_shape_image(i, "blue") for i in range(2)])
+    paths_a, paths_b = sorted(a.glob("*.png")), sorted(b.glob("*.png"))
+    model, cache = _MeanColour(), tmp_path / "cache"
+    alone = M.extract_features(paths_a, model, progress=False, cache_dir=cache)
+    both = M.extract_features(paths_a + paths_b, model, progress=False, cache_dir=cache)
+    assert model.seen == 3 + 2  # a's features came from the cache
+    assert both.shape == (5, 3) and np.array_equal(both[:3], alone) and (both[3:, 2] > both[3:, 0]).all()  # blue
+    again = M.extract_features(paths_a + paths_b, model, progress=False, cache_dir=cache)
+    assert model.seen == 5 and np.array_equal(again, both) and len(list(cache.glob("inception-*.npy"))) == 2
+
 # ----------------------------------------------------------------------------- slow: the InceptionV3
 
 @pytest.fixture(scope="module")

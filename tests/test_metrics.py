@@ -160,6 +160,7 @@ def test_feature_cache_keeps_each_folder_apart(tmp_path):
     again = M.extract_features(paths_a + paths_b, model, progress=False, cache_dir=cache)
     assert model.seen == 5 and np.array_equal(again, both) and len(list(cache.glob("inception-*.npy"))) == 2
 
+
 # ----------------------------------------------------------------------------- slow: the InceptionV3
 
 @pytest.fixture(scope="module")

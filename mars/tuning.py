@@ -15,6 +15,8 @@ Tests: `pytest tests/test_pipeline.py -k tuned` (shapes), `pytest tests/test_fol
 from __future__ import annotations
 
 import itertools
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,25 +88,61 @@ def _grid(grid: dict) -> list[dict]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
-def _trial(pipe, judge, seed: int, batch_size: int, settings: dict) -> tuple[dict, dict]:
-    """(settings, summary) of one image per prompt of `judge` sampled with `settings` (pipeline keywords)."""
-    images = sample_images(pipe, judge.prompts, batch_size, seed, settings, progress=False)
-    shown = {k: v for k, v in settings.items() if k != "super_resolution"}
-    return shown, judge(images)
+class Trials:
+    """Sampler trials, settings -> (settings, summary) of one image per prompt of `judge` sampled with
+    settings | `extra` (pipeline keywords). With `log` (a JSON-lines file), each finished trial is appended there
+    and a trial found there is not rerun: an interrupted tuning resumes at its first unfinished trial. A log
+    belongs to one model and one judge; its owner deletes it when either changes."""
+
+    def __init__(self, pipe, judge, seed: int, batch_size: int, extra: dict | None = None, log: Path | None = None):
+        self.pipe, self.judge, self.seed, self.batch_size = pipe, judge, seed, batch_size
+        self.extra, self.log = extra or {}, log
+        self.done = {}
+        if log is not None and log.is_file():
+            self.done = read_trials(log)
+            text = log.read_bytes()
+            with log.open("r+b") as file:  # drop a line cut short, so the next trial starts a line of its own
+                file.truncate(text.rfind(b"\n") + 1)
+
+    def __call__(self, settings: dict) -> tuple[dict, dict]:
+        key = json.dumps(settings, sort_keys=True)
+        if key not in self.done:
+            start = time.perf_counter()
+            images = sample_images(self.pipe, self.judge.prompts, self.batch_size, self.seed, settings | self.extra,
+                                   progress=False)
+            row = {"settings": settings, "summary": self.judge(images),
+                   "seconds": round(time.perf_counter() - start, 1)}
+            self.done[key] = row
+            if self.log is not None:
+                with self.log.open("a") as log:
+                    log.write(json.dumps(row) + "\n")
+        return settings, self.done[key]["summary"]
+
+
+def read_trials(log: Path) -> dict[str, dict]:
+    """The finished trials in a Trials log, by their settings (JSON with sorted keys): {"settings", "summary",
+    "seconds"} each. No file: none. A last line cut short by an interruption is not a finished trial."""
+    rows = {}
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[json.dumps(row["settings"], sort_keys=True)] = row
+    return rows
 
 
 def tune_sampling(pipe, n: int = 96, seed: int = TUNING_SEED, batch_size: int = 16, grid: dict | None = None,
                   candidates: tuple[int, ...] = TUNING_CANDIDATES, finalists: int = TUNING_FINALISTS,
-                  progress: bool = True, judge=None) -> list[tuple[dict, dict]]:
+                  progress: bool = True, judge=None, log: Path | None = None) -> list[tuple[dict, dict]]:
     """Base-stage sampler settings chosen on the prompts of `judge` (default: ShapesJudge(n, seed), n
     category prompts in both languages), base images -> [(settings, summary)] best first by the judge's score.
 
     Every combination of `grid` (default TUNING_GRID) is sampled with one candidate, then the best
     `finalists` of them with each larger number of `candidates` (self-reranking costs that many
     samples an image). Not just the single best: reranking can favour another setting (a CPU-trained
-    base scored CFG 3 above CFG 2 at best of 8, docs/experiments.md, "The CPU-only path")."""
-    judge = judge or ShapesJudge(n, seed)
-    trial = lambda settings: _trial(pipe, judge, seed, batch_size, settings | {"super_resolution": False})  # noqa: E731
+    base scored CFG 3 above CFG 2 at best of 8, docs/experiments.md, "The CPU-only path"). `log`: see Trials."""
+    trial = Trials(pipe, judge or ShapesJudge(n, seed), seed, batch_size, {"super_resolution": False}, log)
     combos = [settings | {"candidates": 1} for settings in _grid(grid or TUNING_GRID)]
     results = _ranked([trial(settings) for settings in tqdm(combos, desc="tuning the sampler", disable=not progress)])
     reranked = [settings | {"candidates": count}
@@ -114,12 +152,13 @@ def tune_sampling(pipe, n: int = 96, seed: int = TUNING_SEED, batch_size: int = 
 
 
 def tune_superres(pipe, base: dict, n: int = 288, seed: int = TUNING_SEED, batch_size: int = 16,
-                  grid: dict | None = None, progress: bool = True) -> list[tuple[dict, dict]]:
+                  grid: dict | None = None, progress: bool = True, log: Path | None = None) -> list[tuple[dict, dict]]:
     """Super-resolution settings (default SUPERRES_TUNING_GRID) for the base settings `base`, scored on
     the upsampled images of n category prompts -> [(settings, summary)] best first. The seed fixes the
     base images, so every trial upsamples the same ones. Three times the base tuning's prompts: the
-    settings differ by a few hundredths, and 96 prompts once chose a setting that lost by 0.017 on 300."""
-    judge = ShapesJudge(n, seed)
+    settings differ by a few hundredths, and 96 prompts once chose a setting that lost by 0.017 on 300.
+    `log`: see Trials (one log serves both tunings: these settings name sr_ keys the base ones lack)."""
+    trial = Trials(pipe, ShapesJudge(n, seed), seed, batch_size, log=log)
     combos = _grid(grid or SUPERRES_TUNING_GRID)
-    return _ranked([_trial(pipe, judge, seed, batch_size, base | settings)
-                    for settings in tqdm(combos, desc="tuning super-resolution", disable=not progress)])
+    return _ranked([trial(base | settings) for settings in tqdm(combos, desc="tuning super-resolution",
+                                                                   disable=not progress)])

@@ -30,6 +30,7 @@ from mars.model import build_batch, trainable_parameters
 from mars.pipeline import DEFAULT_SAMPLING, SAMPLER_LIMITS, MarsPipeline, MarsPipelineOutput
 from mars.sampling import caption_nll, generate_images
 from mars.shapes import render, scene_for_prompt
+from mars.tuning import read_trials, tune_sampling
 from mars.tokenizer import PromptTokenizer, load_qwen_tokenizer
 from mars.device import describe_hardware
 from train.pipeline import CONFIG_DIR, PIPELINE_PRESETS, StageClock, hold_run_lock, load_stage_config
@@ -177,10 +178,27 @@ def test_a_rerun_with_other_parts_rebuilds_the_bundle_from_them(smoke_run, tmp_p
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert "[pipeline] bundle: rebuilding (superres changed since it was built)" in result.stdout
         assert "bundle written" in result.stdout and "[pipeline] stage2: done" in result.stdout
+        assert "tuning goes on" not in result.stdout  # new parts: the tuning starts over
         now = load_file(bundled)
         assert all(torch.equal(now[k], expected[k].to(now[k].dtype)) for k in expected)
     assert json.loads((smoke_run / "pipeline.json").read_text())["bundle_inputs"]["superres"] == str(own.resolve())
     assert "[pipeline] bundle: done" in run_pipeline(smoke_run).stdout  # nothing changed: nothing rebuilt
+
+
+@pytest.mark.slow
+def test_a_run_stopped_while_tuning_goes_on_from_its_finished_trials(smoke_run):
+    ranked = (smoke_run / "sampling.json").read_text()
+    trials = (smoke_run / "tuning.jsonl").read_text().splitlines()
+    assert len(trials) == len(json.loads(ranked))
+    # As if the first run had stopped during its third trial: no bundle or pipeline.json yet, two trials logged.
+    (smoke_run / "tuning.jsonl").write_text("\n".join(trials[:2]) + "\n")
+    (smoke_run / "pipeline.json").unlink()
+    shutil.rmtree(smoke_run / "bundle")
+    result = run_pipeline(smoke_run)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert f"[pipeline] bundle: tuning goes on after the 2 trials in {smoke_run / 'tuning.jsonl'}" in result.stdout
+    assert (smoke_run / "sampling.json").read_text() == ranked  # the same choice as in one go
+    assert (smoke_run / "bundle" / "model_index.json").is_file()
 
 
 @pytest.mark.slow
@@ -419,6 +437,30 @@ def test_a_float16_bundle_is_half_the_size_and_loads_the_rounded_weights_in_floa
     mine, original = loaded.model.state_dict(), tiny_pipe.model.state_dict()  # the Qwen and the experts
     assert mine.keys() == original.keys() and all(t.dtype == torch.float32 for t in mine.values())
     assert all(torch.equal(mine[name], original[name].half().float()) for name in original)
+
+
+def test_an_interrupted_tuning_reruns_only_its_unfinished_trials(tiny_pipe, tmp_path):
+    class BrightnessJudge:  # ranks settings by how light their images are, and counts the trials it judges
+        prompts, trials = ["a red circle", "两个蓝色的正方形"], 0
+
+        def __call__(self, images):
+            self.trials += 1
+            return {"score": float(np.mean([np.asarray(im, dtype=np.float64).mean() for im in images])) / 255}
+
+    tune = lambda judge: tune_sampling(  # noqa: E731
+        tiny_pipe, grid={"guidance_scale": (1.0, 3.0), "temperature": (0.7, 1.0)}, candidates=(1, 2), finalists=2,
+        progress=False, judge=judge, log=tmp_path / "tuning.jsonl")
+    first = BrightnessJudge()
+    ranked = tune(first)
+    lines = (tmp_path / "tuning.jsonl").read_text().splitlines()
+    assert first.trials == len(lines) == 6 and len({score["score"] for _, score in ranked}) > 1  # 4 settings, 2 reranked
+    # Stopped while writing the fourth trial: the rerun judges the three it lacks and ranks all six the same.
+    (tmp_path / "tuning.jsonl").write_text("\n".join(lines[:3] + [lines[3][:20]]))
+    again = BrightnessJudge()
+    assert tune(again) == ranked and again.trials == 3
+    logged = [json.loads(line) for line in (tmp_path / "tuning.jsonl").read_text().splitlines()]
+    assert len(logged) == 6 and all(row.keys() == {"settings", "summary", "seconds"} for row in logged)
+    assert read_trials(tmp_path / "tuning.jsonl").keys() == {json.dumps(s, sort_keys=True) for s, _ in ranked}
 
 
 def test_the_bundle_sampler_settings_are_the_defaults_and_survive_save(tiny_pipe, tmp_path):

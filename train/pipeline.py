@@ -36,7 +36,9 @@ DIR/<stage>/export (the codes stage too), inputs from the earlier stages' export
 DIR/<stage>/DONE.json and is skipped by a rerun; an interrupted one resumes from its last.ckpt
 (train/__main__.py auto-resume), so rerunning the same command continues where it stopped.
 The bundle is rebuilt when a stage ran now or when its parts differ from those DIR/pipeline.json
-records it was built from (say a finished run given another --superres).
+records it was built from (say a finished run given another --superres). Its sampler tuning logs each
+finished trial to DIR/tuning.jsonl, so a run interrupted while tuning resumes at the first unfinished trial;
+the log starts afresh whenever the bundle's parts are new.
 """
 
 from __future__ import annotations
@@ -344,13 +346,13 @@ class Runner:
                       seed=config.get("seed", 0), batch_size=config.get("batch_size", 64),
                       device=self.device, num_workers=workers, scene_weights=config.get("scene_weights"), **source)
 
-    def tune_sampling(self, pipe) -> dict:
+    def tune_sampling(self, pipe, log: Path) -> dict:
         """The bundle's default sampler settings: the best of mars.tuning.TUNING_GRID on prompts the evaluation
         does not draw (seed mars.tuning.TUNING_SEED), then super-resolution's (SUPERRES_TUNING_GRID) on the
         upsampled images; every setting's scores go to DIR/sampling.json. A shapes run scores category prompts
         with the shapes scorer; a folder run scores captions of its training records by concept retrieval
         among the training images (mars.tuning.RetrievalJudge, features kept in DIR/features) over
-        RETRIEVAL_TUNING_GRID."""
+        RETRIEVAL_TUNING_GRID. Every trial goes to `log` too (mars.tuning.Trials)."""
         from mars.tuning import RETRIEVAL_TUNING_GRID, RetrievalJudge, tune_sampling, tune_superres
 
         smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)},
@@ -361,11 +363,11 @@ class Runner:
             options = options or {"grid": RETRIEVAL_TUNING_GRID}
             judge = RetrievalJudge(self.folder_parts[0], n=options.get("n", 96), cache_dir=self.out / "features",
                                    device=self.device)
-        results = tune_sampling(pipe, judge=judge, **options)
+        results = tune_sampling(pipe, judge=judge, log=log, **options)
         best, summary = results[0]
         if pipe.superres is not None:
             smoke = dict(n=12, grid={"sr_guidance_scale": (1.0,), "sr_temperature": (0.0, 0.7)})
-            upsampled = tune_superres(pipe, best, **(smoke if self.smoke else {}))
+            upsampled = tune_superres(pipe, best, log=log, **(smoke if self.smoke else {}))
             results, (best, summary) = results + upsampled, upsampled[0]  # the base settings and the best upsampling
         (self.out / "sampling.json").write_text(json.dumps(
             [{"settings": settings} | summary for settings, summary in results], indent=1) + "\n")
@@ -401,17 +403,25 @@ class Runner:
         records = [listing[int(i)][1] for i in np.random.default_rng(0).permutation(len(listing))[:2]]
         return [text for record in records for text in (record["caption"], record.get("caption_zh")) if text]
 
-    def export_bundle(self, provenance: dict) -> Path:
-        """DIR/bundle from the text model, the last MARS stage, the VQ and (if trained) the super-resolution model."""
+    def export_bundle(self, provenance: dict, new_parts: bool) -> Path:
+        """DIR/bundle from the text model, the last MARS stage, the VQ and (if trained) the super-resolution model.
+        The sampler tuning goes on from the trials in DIR/tuning.jsonl unless the parts are `new_parts`."""
         import torch
 
         from mars.pipeline import MarsPipeline
+        from mars.tuning import read_trials
 
-        start = time.perf_counter()
+        start, log = time.perf_counter(), self.out / "tuning.jsonl"
+        if new_parts:
+            log.unlink(missing_ok=True)
+        earlier = read_trials(log)
+        if earlier:
+            print(f"[pipeline] bundle: tuning goes on after the {len(earlier)} trials in {log}")
         pipe = MarsPipeline.from_parts(self.products["text"], self.products["stage2"], self.products["vq"],
                                        superres=self.products.get("superres"))
-        pipe.sampling = self.tune_sampling(pipe.to(self.device))
-        provenance["stage_seconds"]["tune"] = round(time.perf_counter() - start, 1)
+        pipe.sampling = self.tune_sampling(pipe.to(self.device), log)
+        tuned = time.perf_counter() - start + sum(row["seconds"] for row in earlier.values())
+        provenance["stage_seconds"]["tune"] = round(tuned, 1)
         pipe.examples = self.example_prompts()
         bundle = pipe.to("cpu").save_pretrained(self.out / "bundle", dtype=torch.float16,  # fp16: half the size
                                                 provenance=provenance)
@@ -529,7 +539,8 @@ def main(argv: list[str] | None = None) -> Path:
         if changed and not runner.timings:  # e.g. a new --superres for a finished run
             print(f"[pipeline] bundle: rebuilding ({', '.join(changed)} changed since it was built)")
         command = " ".join(["python -m train.pipeline"] + (argv if argv is not None else sys.argv[1:]))
-        bundle = runner.export_bundle(runner.provenance(command, names))
+        provenance = runner.provenance(command, names)
+        bundle = runner.export_bundle(provenance, new_parts=bool(runner.timings or changed))
     else:
         print(f"[pipeline] bundle: done ({bundle})")
     stage_seconds = {name: record["seconds"] for name, record in runner.done_records(names).items()}

@@ -458,12 +458,13 @@ def test_saved_bundles_record_every_weight_digest_and_older_ones_still_load(tiny
     assert MarsPipeline.from_pretrained(older).image_size == 128  # nothing recorded, nothing checked
 
 
-def test_the_shipped_bundle_records_the_digests_of_its_weights():
+@pytest.mark.parametrize("name, weight_files", [("mars-shapes", 5), ("mars-emoji", 3)])
+def test_the_shipped_bundles_record_the_digests_of_their_weights(name, weight_files):
     from mars.pipeline import verify_weights, weight_digests
 
-    bundle = REPO / "checkpoints" / "mars-shapes"
+    bundle = REPO / "checkpoints" / name
     recorded = json.loads((bundle / INDEX_FILE).read_text())["sha256"]
-    assert recorded == weight_digests(bundle) and len(recorded) == 5
+    assert recorded == weight_digests(bundle) and len(recorded) == weight_files
     verify_weights(bundle, recorded)
 
 

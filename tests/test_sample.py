@@ -141,6 +141,17 @@ def test_a_run_writes_a_256_px_png_with_progress_bars(capsys, tiny_bundle, tmp_p
     assert out.strip() == f"wrote {tmp_path / 'deep' / 'out.png'}"
 
 
+def test_the_shipped_emoji_model_draws_on_white_from_either_language(capsys, tmp_path):  # real load
+    for prompt in ("red apple, flat outline style", "红苹果，扁平描边风格"):
+        code, _, err = run(capsys, prompt, "--checkpoint", REPO / "checkpoints" / "mars-emoji", "-o", tmp_path / "a.png")
+        assert code == 0, err
+        image = pixels(tmp_path / "a.png").astype(np.float64)  # (128, 128, 3)
+        assert image.shape == (128, 128, 3)
+        border = np.concatenate([image[:4], image[-4:], image[:, :4].swapaxes(0, 1), image[:, -4:].swapaxes(0, 1)])
+        assert border.mean() > 235  # the white ground of every training image: a trained model, not noise
+        assert (image[32:96, 32:96].min(axis=-1) < 200).mean() > 0.05  # and something drawn on it
+
+
 def test_no_sr_writes_the_128_px_base_image(capsys, reuse_tiny_pipe, tmp_path):
     code, _, err = run(capsys, "两个蓝色的正方形", "--no-sr", "--checkpoint", reuse_tiny_pipe, "-o", tmp_path / "base.png")
     assert code == 0, err

@@ -32,7 +32,7 @@ from mars.shapes import LANGS, score, summarize
 TUNING_GRID = {"guidance_scale": (2.0, 3.0, 5.0), "temperature": (0.7, 1.0), "top_k": (0, 16)}
 # An image folder's model draws a named concept by recalling its training images, and strong guidance
 # pushes a recalled image off its codes; a folder run's tuning therefore tries no and mild guidance too,
-# and a low temperature, which keeps a sample on the codes of the image it recalls (docs/emoji.md).
+# and a low temperature, which keeps a sample on the codes of the image it recalls (docs/model-card-emoji.md).
 RETRIEVAL_TUNING_GRID = {"guidance_scale": (1.0, 1.5, 2.0, 3.0), "temperature": (0.3, 0.7, 1.0), "top_k": (0, 16)}
 TUNING_CANDIDATES = (1, 8)
 TUNING_FINALISTS = 3  # single-sample winners rerun with each larger candidate count

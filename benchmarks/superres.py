@@ -159,7 +159,7 @@ def accuracy_table(args) -> list[str]:
         models = [SuperResModel.from_pretrained(path).eval() for path in args.checkpoint]
         text_model = json.loads((first / "mars_config.json").read_text())["text_model"]
         in_bundle = first.parent / "tokenizer"  # a bundle's superres/ keeps its tokenizer beside the Qwen
-        default = in_bundle if (in_bundle / "tokenizer.json").is_file() else first / text_model
+        default = in_bundle if (in_bundle / "tokenizer_config.json").is_file() else first / text_model
         tokenizer = PromptTokenizer.from_pretrained(args.tokenizer or default)
         size = models[0].config.low_grid[0] * vq.downsample
 

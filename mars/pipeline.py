@@ -17,8 +17,9 @@ A bundle directory (written by `save_pretrained`, and by `python -m train.pipeli
                         "sha256": {"mars/mars_trainable.safetensors": "<hex digest>", ...},
                         "examples": ["a prompt of the kind the model was trained on", ...],  (optional)
                         "provenance": {"command": ..., "commit": ..., "hardware": ..., ...}}  (optional)
-    tokenizer/         tokenizer.json + tokenizer_config.json (the Qwen tokenizer), and
-                       vocab_map.json when the text model uses a trimmed vocabulary (mars.tokenizer.VocabMap)
+    tokenizer/         tokenizer.json.xz (the Qwen tokenizer.json, xz-compressed; a plain one loads too),
+                       tokenizer_config.json, and vocab_map.json when the text model uses a trimmed
+                       vocabulary (mars.tokenizer.VocabMap)
     text_model/        the frozen Qwen, Hugging Face format (config.json + model*.safetensors)
     mars/              mars_config.json (text_model "../text_model") + mars_trainable.safetensors
     vq/                config.json + model.safetensors (VQTokenizer.save_pretrained, fp16; loads as fp32)
@@ -65,7 +66,6 @@ from vq import VQTokenizer, images_to_tensor, tensor_to_images
 INDEX_FILE = "model_index.json"
 FORMAT, VERSION = "mars-pipeline", 1  # VERSION: the newest index this code reads (and the one it writes)
 WEIGHT_SUFFIX = ".safetensors"  # the files whose SHA-256 the index records
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 # ----------------------------------------------------------------------------- prompt tokenizer
@@ -345,7 +345,7 @@ class MarsPipeline:
         staging = directory.with_name(directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        self.tokenizer.save_pretrained(staging / "tokenizer")
+        self.tokenizer.save_pretrained(staging / "tokenizer", compress=True)  # 1.4 MB instead of 5.4
         (staging / "text_model").mkdir()
         for path in Path(source).iterdir():  # config and weights only: the tokenizer has its own folder
             if dtype is not None and path.suffix == ".safetensors":

@@ -12,7 +12,8 @@ Building takes a few seconds, so `load_qwen_tokenizer` caches the result under ~
 `VocabMap` trims that 151k vocabulary to the tokens a small model saw in its training captions:
 Qwen ids <-> compact model ids, with reserved rows for eos/pad and an unknown token.
 
-Run:  python -m mars.tokenizer --out DIR   # writes tokenizer.json + tokenizer_config.json to DIR
+Run:  python -m mars.tokenizer --out DIR              # writes tokenizer.json + tokenizer_config.json to DIR
+      python -m mars.tokenizer --out DIR --compress   # tokenizer.json.xz instead: 1.4 MB, what a bundle stores
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import binascii
 import hashlib
 import importlib.util
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -45,6 +47,8 @@ _BUILD_VERSION = 1
 VOCAB_MAP_FILE = "vocab_map.json"
 _VOCAB_MAP_FORMAT = "mars-vocab-map"
 UNK_TEXT = "<unk>"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_ARCHIVE = "tokenizer.json.xz"  # the same file, xz-compressed: a quarter of the size
 
 
 def qwen_tiktoken_path() -> Path:
@@ -153,12 +157,34 @@ def build_qwen_tokenizer(tiktoken_path: str | Path | None = None) -> Qwen2Tokeni
     )
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> list[Path]:
-    """save_pretrained, with tokenizer.json written compact (5.4 MB instead of 11 MB pretty-printed)."""
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path, compress: bool = False) -> list[Path]:
+    """save_pretrained, with tokenizer.json written compact (5.4 MB instead of 11 MB pretty-printed); with
+    `compress`, as tokenizer.json.xz (1.4 MB) instead, replacing a tokenizer.json already there."""
     out_dir = Path(out_dir)
     written = [Path(p) for p in tokenizer.save_pretrained(str(out_dir))]
-    tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"), pretty=False)
+    plain = out_dir / TOKENIZER_FILE
+    tokenizer.backend_tokenizer.save(str(plain), pretty=False)
+    (out_dir / TOKENIZER_ARCHIVE).unlink(missing_ok=True)  # one form only: the loader prefers tokenizer.json
+    if compress:
+        (out_dir / TOKENIZER_ARCHIVE).write_bytes(lzma.compress(plain.read_bytes(), preset=9))
+        plain.unlink()
+        written = [path for path in written if path.name != TOKENIZER_FILE] + [out_dir / TOKENIZER_ARCHIVE]
     return written
+
+
+def load_tokenizer_folder(directory: Path):
+    """AutoTokenizer.from_pretrained(directory), whose tokenizer.json may be stored as tokenizer.json.xz."""
+    from transformers import AutoTokenizer
+
+    archive = directory / TOKENIZER_ARCHIVE
+    if (directory / TOKENIZER_FILE).is_file() or not archive.is_file():
+        return AutoTokenizer.from_pretrained(str(directory))
+    with tempfile.TemporaryDirectory() as unpacked:
+        for path in directory.iterdir():
+            if path.is_file() and path != archive:
+                shutil.copy2(path, unpacked)
+        Path(unpacked, TOKENIZER_FILE).write_bytes(lzma.decompress(archive.read_bytes()))
+        return AutoTokenizer.from_pretrained(unpacked)
 
 
 def default_cache_dir() -> Path:
@@ -394,25 +420,25 @@ class PromptTokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PromptTokenizer:
-        """tokenizer.json (+ vocab_map.json) from `directory`, e.g. a Qwen dir or a bundle's tokenizer/."""
-        from transformers import AutoTokenizer
-
+        """tokenizer.json or tokenizer.json.xz (+ vocab_map.json) from `directory`, e.g. a Qwen dir or a
+        bundle's tokenizer/."""
         directory = Path(directory)
-        if not (directory / "tokenizer.json").is_file() and not (directory / "tokenizer_config.json").is_file():
+        if not any((directory / name).is_file() for name in (TOKENIZER_FILE, TOKENIZER_ARCHIVE, "tokenizer_config.json")):
             raise FileNotFoundError(f"no tokenizer.json in {directory}: point at a Qwen directory with its tokenizer "
                                     "files (python -m mars.tokenizer --out DIR writes them)")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        except Exception as error:  # tokenizers raises several types for a garbled file
+            tokenizer = load_tokenizer_folder(directory)
+        except Exception as error:  # tokenizers raises several types for a garbled file, lzma LZMAError
             reason = first_line(error)
             raise ValueError(f"tokenizer files in {directory} are unreadable ({reason}): "
                              "rewrite them with python -m mars.tokenizer --out DIR") from None
         vocab_map = VocabMap.load(directory, tokenizer) if (directory / VOCAB_MAP_FILE).is_file() else None
         return cls(tokenizer, vocab_map)
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, compress: bool = False) -> None:
+        """tokenizer.json (tokenizer.json.xz with `compress`), tokenizer_config.json, vocab_map.json if trimmed."""
         directory = Path(directory)
-        save_tokenizer(self.tokenizer, directory)
+        save_tokenizer(self.tokenizer, directory, compress)
         if self.vocab_map is not None:
             self.vocab_map.save(directory)
 
@@ -441,6 +467,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m mars.tokenizer", description="Write the Qwen2 tokenizer files (built offline from qwen.tiktoken) to a folder."
     )
     parser.add_argument("--out", required=True, type=Path, help="folder for tokenizer.json + tokenizer_config.json")
+    parser.add_argument("--compress", action="store_true",
+                        help="write tokenizer.json.xz (1.4 MB, what a bundle stores) instead of tokenizer.json "
+                             "(5.4 MB), replacing a tokenizer.json in --out")
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"build cache (default {default_cache_dir()})")
     args = parser.parse_args(argv)
     try:
@@ -451,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(error))
     start = time.perf_counter()
     tokenizer = load_qwen_tokenizer(args.cache_dir)
-    written = save_tokenizer(tokenizer, args.out)
+    written = save_tokenizer(tokenizer, args.out, args.compress)
     names = ", ".join(sorted(p.name for p in written if p.exists()))
     print(f"wrote {names} to {args.out} ({len(tokenizer)} tokens, {time.perf_counter() - start:.1f} s)")
 

@@ -302,6 +302,10 @@ def test_save_pretrained_round_trip_is_exact_and_relocatable(pipe, tmp_path):
     loaded = MarsPipeline.from_pretrained(moved)
     assert torch.equal(sample(loaded, seed=3, guidance_scale=2.0).codes, sample(pipe, seed=3, guidance_scale=2.0).codes)
     assert json.loads((moved / "mars" / "mars_config.json").read_text())["text_model"] == "../text_model"
+    tokenizer_files = {path.name for path in (moved / "tokenizer").iterdir()}
+    assert "tokenizer.json.xz" in tokenizer_files and "tokenizer.json" not in tokenizer_files  # stored compressed
+    texts = ["a red circle", "一个红色的圆形"]
+    assert [loaded.tokenizer.encode(t) for t in texts] == [pipe.tokenizer.encode(t) for t in texts]
     if loaded.superres is not None:  # base and super-resolution share one frozen Qwen
         assert loaded.superres.mars.model.embed_tokens.weight is loaded.model.model.embed_tokens.weight
 

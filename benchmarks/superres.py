@@ -53,7 +53,7 @@ def timed(fn) -> float:
 
 # bench_config's named models: the preset whose YAMLs give the architecture, and its base image grid
 # (shapes: 128 px through f = 16; emoji: 128 px through f = 8).
-PRESET_MODELS = {"shipped": ("shapes", (8, 8)), "emoji": ("emoji", (16, 16))}
+PRESET_MODELS = {"shipped": ("shapes", (8, 8)), "emoji": ("emoji", (8, 8))}
 
 
 def bench_config(name: str) -> MarsConfig:

@@ -1,15 +1,18 @@
-"""Seconds per training step of the base stage in fp32 and in bf16 autocast, eager and compiled, on this machine.
+"""Seconds per training step of the base stage (or super-resolution) in fp32 and in bf16 autocast, eager and
+compiled, on this machine.
 
 One stage-2 step (batch 64, a 10-token prompt, AdamW over the trainable weights) of a shipped
 architecture (benchmarks.superres.bench_config: `--model shipped`, the shapes model, 8 x 8 codes;
-`--model emoji`, 16 x 16 codes of 1,024), random weights, timed in fp32 and under
+`--model emoji`, 8 x 8 codes of 1,024), random weights, timed in fp32 and under
 torch.autocast(bfloat16), which is what Lightning's bf16-mixed runs; with `--compile`, also through
-torch.compile (dynamic shapes, as MarsLitModule(compile=True) trains). The variants are timed in turn,
+torch.compile (dynamic shapes, as MarsLitModule(compile=True) trains). `--stage superres` times a
+super-resolution step instead (that grid -> twice it, k = 4, as train.superres trains). The variants are timed in turn,
 `--repeats` rounds, best of each. On a CPU without native bf16 (AVX2: no AVX-512/AMX) PyTorch emulates
 bf16 on one core, which is why `python -m train` trains bf16 configs in 32-true there (train/__main__.py).
 
     python -m benchmarks.train_step                            # about a minute on 2 cores
     python -m benchmarks.train_step --model emoji --compile    # a few minutes: compiling takes one
+    python -m benchmarks.train_step --model emoji --stage superres --batch-size 32 --compile
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from benchmarks.superres import bench_config
 from mars import MarsModel, build_qwen
 from mars.model import build_batch, trainable_parameters
+from mars.superres import SuperResConfig, SuperResModel, build_superres_batch
 from train.__main__ import cpu_has_bf16
 
 
@@ -42,7 +46,9 @@ def step_seconds(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Opt
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("shipped", "emoji"), default="shipped",
-                        help="architecture: the shapes model (8 x 8 codes) or the emoji one (16 x 16 codes)")
+                        help="architecture: the shapes model or the emoji one (both 8 x 8 codes)")
+    parser.add_argument("--stage", choices=("base", "superres"), default="base",
+                        help="a base-stage step, or a super-resolution step from that grid to twice it (k = 4)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="also time each precision through torch.compile")
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
@@ -58,10 +64,15 @@ def main() -> None:
     model = MarsModel.from_qwen(build_qwen(config.text_config), config).train()
     prompts = torch.randint(2, config.text_config["vocab_size"], (args.batch_size, 10)).tolist()
     codes = torch.randint(0, config.codebook_size, (args.batch_size, *config.image_grid))
-    batch = build_batch(model, prompts, codes)
+    if args.stage == "base":
+        batch = build_batch(model, prompts, codes)
+    else:
+        model = SuperResModel(SuperResConfig(low_grid=config.image_grid, group_size=4), model).train()
+        high = torch.randint(0, config.codebook_size, (args.batch_size, *model.config.high_grid))
+        batch = build_superres_batch(model, prompts, codes, high)
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_bf16()}, "
-          f"torch threads {torch.get_num_threads()}, {args.model} model, {config.image_grid} codes, "
+          f"torch threads {torch.get_num_threads()}, {args.model} model, {args.stage} stage, {config.image_grid} codes, "
           f"batch {args.batch_size}")
     forwards = {"eager": model} | ({"compiled": torch.compile(model, dynamic=True)} if args.compile else {})
     variants = [(mode, bf16) for mode in forwards for bf16 in (False, True)]

@@ -8,6 +8,7 @@
     python -m mars.eval --images GEN --reference REAL   # any images: FID, KID, concept retrieval (mars.metrics)
     python -m mars.eval --generate --checkpoint BUNDLE --reference REAL [--n 300] [--lang en|zh|both] [--cache DIR]
     python -m mars.eval --generate --checkpoint BUNDLE --reference REAL --n 64 --sheet sheet.png   # real | EN | ZH
+    python -m mars.eval --vq DIR --reference REAL --n 256 --size 64   # what retrieval sees in a VQ's round trips
 
 DIR holds the images and captions.jsonl (`file` or `image`, `caption`) or prompts.jsonl (`file`,
 `prompt`), e.g. from `python -m mars.shapes --out DIR` (a generator's own images score 1.0).
@@ -20,7 +21,9 @@ and concept retrieval against REAL, for all the images and for each language; `-
 each drawn record's real image beside its samples, each labelled with retrieval's verdict (right, or its
 concept's rank and the concept it looks most like), failures included. `--vq DIR` renders
 fresh scenes, round-trips them through the tokenizer and reports how often the scorer's verdict
-survives, PSNR and codebook usage.
+survives, PSNR and codebook usage; `--vq DIR --reference REAL` round-trips N of REAL's images (a
+seeded draw, each brought to --size) instead and reports their PSNR, FID, KID and retrieval against
+REAL: the ceiling the tokenizer sets on a model trained on its codes.
 Library use: `evaluate([(prompt, pil_image), ...])` -> report dict; `format_table(report)`.
 Bad input ends with a one-line error and exit code 2 (--out and --failures are checked before the
 model loads; --out must be a new or empty folder, or one an earlier run wrote); with --out, Ctrl-C
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -151,6 +155,15 @@ def verdicts_agree(captions: list[str], originals, reconstructions) -> list[bool
                                                   tensor_to_images(reconstructions))]
 
 
+def check_round_trip_size(tokenizer, size: int) -> None:
+    """A one-line error for a size the tokenizer cannot encode, before any round trip (whose error would name a
+    temporary folder)."""
+    f = tokenizer.downsample
+    if size % f:
+        raise ValueError(f"image size {size} is not a multiple of the tokenizer's downsampling factor {f}: "
+                         f"use a multiple, e.g. {8 * f} or {16 * f}")
+
+
 def evaluate_tokenizer(tokenizer, n: int = 200, size: int = 256, seed: int = 1234, batch_size: int = 16,
                        progress: bool = True) -> dict:
     """Verdict agreement, PSNR and codebook usage of a VQ tokenizer on n fresh shapes-world images of
@@ -159,13 +172,11 @@ def evaluate_tokenizer(tokenizer, n: int = 200, size: int = 256, seed: int = 123
 
     from vq.reconstruct import codebook_stats, reconstruct_folder
 
-    if size % tokenizer.downsample:  # here, not deep in the round trip, whose message would name a temporary folder
-        raise ValueError(f"image size {size} is not a multiple of the tokenizer's downsampling factor "
-                         f"{tokenizer.downsample}: use a multiple, e.g. 128 or 256")
+    check_round_trip_size(tokenizer, size)
     with tempfile.TemporaryDirectory() as tmp:
         originals, rebuilt = Path(tmp, "originals"), Path(tmp, "rebuilt")
         write_eval_folder(originals, n, size, seed, progress=progress)
-        result = reconstruct_folder(tokenizer, originals, rebuilt, batch_size)
+        result = reconstruct_folder(tokenizer, originals, rebuilt, batch_size, progress=progress)
         agree, strict_agree, passed = [], [], []
         for path, caption in tqdm(read_listing(originals), desc="scoring", unit="img", disable=not progress):
             before, after = score(caption, load_image(path)), score(caption, load_image(rebuilt / path.name))
@@ -267,6 +278,37 @@ def generate_real_report(args: argparse.Namespace) -> dict:
     return report
 
 
+def vq_real_report(args: argparse.Namespace) -> dict:
+    """--vq --reference: round-trip n records of the real folder (a seeded draw) at --size through the
+    tokenizer, then FID, KID and retrieval of the reconstructions against the folder, as for generated
+    images, with the mean PSNR: how much of what retrieval sees the codes keep."""
+    from mars.metrics import InceptionFeatures, compare_folders, read_folders
+    from vq import VQTokenizer
+    from vq.reconstruct import reconstruct_folder
+
+    tokenizer = VQTokenizer.from_pretrained(args.vq)
+    check_round_trip_size(tokenizer, args.size)
+    model = InceptionFeatures()  # before the round trips: a missing model file is a one-line error now
+    items = read_folders(args.reference)
+    drawn = [items[j] for j in np.random.default_rng(args.seed).permutation(len(items))[:args.n].tolist()]
+    with tempfile.TemporaryDirectory() as tmp:
+        originals, rebuilt = Path(tmp, "originals"), Path(tmp, "rebuilt")
+        originals.mkdir()
+        with open(originals / "captions.jsonl", "w", encoding="utf-8") as listing:
+            for j, item in enumerate(drawn):  # new names: two --reference folders may share file names
+                name = f"{j:06d}{item.path.suffix.lower()}"
+                shutil.copyfile(item.path, originals / name)
+                record = {key: value for key, value in item.record.items() if key not in ("file", "image")}
+                listing.write(json.dumps({**record, "file": name, "caption": item.text}, ensure_ascii=False) + "\n")
+        result = reconstruct_folder(tokenizer, originals, rebuilt, args.batch_size, args.size,
+                                    progress=not args.json)
+        report = compare_folders(rebuilt, args.reference, args.gallery, batch_size=args.batch_size,
+                                 device=args.device, cache_dir=args.cache, progress=not args.json, model=model)
+    report["generated"].update(folder=f"round trips of {len(drawn)} reference images at {args.size} px",
+                               vq=str(args.vq), size=args.size, seed=args.seed, psnr=result["psnr"])
+    return report
+
+
 def scored_image(path: Path, decode: bool = True) -> Image.Image:
     """An image of an --images folder, or a one-line error naming it (the scorer reads square images).
     decode=False checks the header alone."""
@@ -282,10 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="folder with images and captions.jsonl or prompts.jsonl")
     source.add_argument("--generate", action="store_true", help="sample the category prompts with a MARS bundle")
-    source.add_argument("--vq", type=Path, metavar="DIR", help="round-trip fresh scenes through this VQ tokenizer")
+    source.add_argument("--vq", type=Path, metavar="DIR",
+                        help="round-trip fresh scenes (or, with --reference, its images) through this VQ tokenizer")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    real = parser.add_argument_group("any images against real ones (FID, KID, concept retrieval), with --images "
-                                     "or --generate")
+    real = parser.add_argument_group("any images against real ones (FID, KID, concept retrieval), with --images, "
+                                     "--generate or --vq")
     real.add_argument("--reference", type=Path, nargs="+", default=None, metavar="DIR",
                       help="real images with captions.jsonl: report FID, KID and retrieval instead of the shapes "
                            "scorer; --generate samples the captions of its records")
@@ -295,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="keep the reference's InceptionV3 features in this folder (computed once)")
     generation = parser.add_argument_group("--generate and --vq options")
     generation.add_argument("--n", type=POSITIVE_INT, default=300,
-                            help="images to sample or render; with --reference, captions of it (default 300)")
+                            help="images to sample or render; with --reference, its captions to sample or its "
+                                 "images to round-trip (default 300)")
     generation.add_argument("--lang", choices=(*LANGS, "both"), default="both", help="prompt language (default both)")
     generation.add_argument("--out", type=Path, default=None, help="also save the images and prompts.jsonl here")
     generation.add_argument("--failures", type=Path, default=None, metavar="PNG",
@@ -304,15 +348,14 @@ def main(argv: list[str] | None = None) -> int:
                             help="with --reference: also tile each record's real image beside its samples, "
                                  "labelled with retrieval's verdict, into this PNG")
     generation.add_argument("--size", type=image_side, default=256,
-                            help=f"--vq: image side in px, 48 to {MAX_IMAGE_SIDE} (default 256)")
+                            help=f"--vq: image side in px, 48 to {MAX_IMAGE_SIDE}; with --reference, each of its "
+                                 "images is brought to it (default 256)")
     add_sampling_arguments(generation, batch_size=True)
     args = parser.parse_args(argv)
     if (args.out or args.failures or args.sheet) and not args.generate:
         parser.error("--out, --failures and --sheet go with --generate")
     if args.sheet and not args.reference:
         parser.error("--sheet tiles samples beside the real images of --reference REAL: give it, or use --failures")
-    if (args.reference or args.gallery or args.cache) and not (args.images or args.generate):
-        parser.error("--reference, --gallery and --cache go with --images or --generate")
     if (args.gallery or args.cache) and not args.reference:
         parser.error("--gallery and --cache go with --reference")
     if args.failures and args.reference:
@@ -330,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
 @one_line_errors
 def run(args: argparse.Namespace) -> int:
-    if args.vq is not None:
+    if args.vq is not None and args.reference is None:
         from vq import VQTokenizer
 
         figures = evaluate_tokenizer(VQTokenizer.from_pretrained(args.vq), args.n, args.size, args.seed,
@@ -342,6 +385,8 @@ def run(args: argparse.Namespace) -> int:
 
         if args.generate:
             report = generate_real_report(args)
+        elif args.vq is not None:
+            report = vq_real_report(args)
         else:
             report = compare_folders(args.images, args.reference, args.gallery, batch_size=args.batch_size,
                                      device=args.device, cache_dir=args.cache, progress=not args.json)

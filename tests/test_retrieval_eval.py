@@ -321,4 +321,3 @@ def test_generate_with_a_reference_refuses_shapes_only_flags_in_one_line(tmp_pat
         "--generate", "--sheet", str(tmp_path / "s.png"))
     assert "--out, --failures and --sheet go with --generate" in refused(
         "--images", str(tmp_path), "--reference", str(tmp_path), "--sheet", str(tmp_path / "s.png"))
-    assert "go with --images or --generate" in refused("--vq", str(SHIPPED_VQ), "--reference", str(tmp_path))

@@ -34,7 +34,7 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def reconstruct_folder(tokenizer: VQTokenizer, images: Path, out: Path, batch_size: int = 16,
-                       size: int | None = None) -> dict:
+                       size: int | None = None, progress: bool = True) -> dict:
     """Round-trips every image in `images` into `out` (same names, captions.jsonl copied); with `size`, each
     image is first brought to size x size (shorter side, centre crop, bicubic: what code extraction does).
 
@@ -50,7 +50,7 @@ def reconstruct_folder(tokenizer: VQTokenizer, images: Path, out: Path, batch_si
         by_size[(size, size) if size else own].append(path)
     out.mkdir(parents=True, exist_ok=True)
     psnrs, codes = [], []
-    with tqdm(total=len(files), desc="reconstruct", unit="img") as bar:
+    with tqdm(total=len(files), desc="reconstruct", unit="img", disable=not progress) as bar:
         for paths in by_size.values():
             for start in range(0, len(paths), batch_size):
                 chunk = paths[start:start + batch_size]
